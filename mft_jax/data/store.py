@@ -1,0 +1,223 @@
+"""The tokenized-example cache: a TFDS dataset in array_record files, keyed by everything that changes it.
+
+`build_dataset` reads the mixer's sources, tokenizes every row, and writes the kept examples, in mixer order,
+with a TFDS `GeneratorBasedBuilder` (`file_format="array_record"`, shuffling disabled; TensorFlow is not
+needed). A second call with the same key finds the finished dataset and only reads its metadata.
+
+Layout: `{cache_dir}/{split}-{key}/sft_examples/1.0.0/` holding `sft_examples-{split}.array_record-*`,
+`dataset_info.json`, `features.json` and `metadata.json` (the counts below and every example's length, which the
+packer needs before reading any example). TFDS writes into a temporary directory and renames it when complete,
+so an interrupted build leaves no half dataset behind.
+
+Each record: `ids` int32 [N] token ids, `labels` bool [N] (True = supervised target), 1 <= N <= max_seq_length.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mft_jax.config import DataConfig
+from mft_jax.data import formatting, sources
+from mft_jax.data.sources import DataError
+
+# Bump when tokenization or the record layout changes: old caches then stop matching.
+FORMAT_VERSION = 1
+BUILDER_NAME = "sft_examples"
+DEFAULT_CACHE_DIR = "~/.cache/mft_jax/data"
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """A built split. `lengths` int32 [num_examples] holds every example's token count, in record order."""
+
+    path: Path  # the TFDS dataset directory (…/sft_examples/1.0.0)
+    data_dir: Path  # what `tfds.data_source(BUILDER_NAME, data_dir=...)` takes
+    split: str
+    key: str
+    num_examples: int
+    num_dropped: int
+    dropped: dict[str, int]  # reason -> count (see formatting.DROP_REASONS)
+    num_truncated: int
+    num_tokens: int
+    num_label_tokens: int
+    lengths: np.ndarray
+    sources: list[tuple[str, int]]  # (source, rows taken) in mixer order
+    settings: dict  # tokenizer, template, max_seq_length, add_bos
+    reused: bool = False  # True when this call found the cache
+
+    def data_source(self):
+        """Random-access reader of the records (`tfds.data_source`, array_record backed)."""
+        return open_data_source(self.data_dir, self.split)
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return (f"{self.split}: {self.num_examples} examples, {self.num_tokens} tokens "
+                f"({self.num_label_tokens} supervised), {self.num_truncated} truncated, "
+                f"{self.num_dropped} dropped ({dropped}) [{'reused' if self.reused else 'built'} {self.path}]")
+
+
+def open_data_source(data_dir: str | os.PathLike, split: str):
+    import tensorflow_datasets as tfds
+
+    return tfds.data_source(BUILDER_NAME, split=split, data_dir=str(data_dir), download=False)
+
+
+def tokenizer_dir(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None) -> str | None:
+    """data.tokenizer when set, else the given fallback (the model directory)."""
+    return data_cfg.tokenizer or (str(tokenizer_path) if tokenizer_path is not None else None)
+
+
+def mixer_of(data_cfg: DataConfig, split: str) -> dict[str, int | None]:
+    if split not in ("train", "dev"):
+        raise DataError(f"split {split!r} is not one of ['train', 'dev']")
+    mixer = getattr(data_cfg, split)
+    if not mixer:
+        raise DataError(f"data.{split} lists no sources; add e.g. data.{split}: {{path/to/file.jsonl: null}}")
+    return mixer
+
+
+def cache_key(data_cfg: DataConfig, tokenizer_path: str, split: str) -> str:
+    """16 hex digits of sha256 over the sources (path + size + mtime or hub name, rows), the mixer seed (when any
+    rows are sampled), the tokenizer files, template, max_seq_length, add_bos and FORMAT_VERSION."""
+    mixer = mixer_of(data_cfg, split)
+    described = {
+        "format": FORMAT_VERSION,
+        "sources": [[sources.source_fingerprint(s), rows] for s, rows in mixer.items()],
+        "seed": data_cfg.seed if any(rows is not None for rows in mixer.values()) else None,
+        "tokenizer": formatting.tokenizer_fingerprint(tokenizer_path),
+        "template": data_cfg.template,
+        "max_seq_length": data_cfg.max_seq_length,
+        "add_bos": data_cfg.add_bos,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _builder_class():
+    """The TFDS builder class (defined lazily: importing tensorflow_datasets costs about a second)."""
+    import tensorflow_datasets as tfds
+
+    class SftExamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Tokenized SFT examples of one split, in mixer order."""
+
+        name = BUILDER_NAME
+        VERSION = tfds.core.Version("1.0.0")
+
+        # No source-file lookups: there are no download checksums, and TFDS's lookup for a builder defined
+        # inside a package needs `importlib_resources`, which is not installed.
+        @tfds.core.utils.classproperty
+        @classmethod
+        def code_path(cls):
+            return None
+
+        def __init__(self, *, split: str, examples, **kwargs):
+            self._split = split
+            self._examples = examples  # iterable of (ids_N, labels_N); stats filled into self.stats
+            self.stats = None
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="Tokenized SFT examples (mft_jax.data)",
+                features=tfds.features.FeaturesDict({
+                    "ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                }),
+                metadata=tfds.core.MetadataDict(),
+                disable_shuffling=True,  # keep mixer order: record i is the i-th kept example
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {self._split: self._generate_examples()}
+
+        def _generate_examples(self):
+            for index, (ids_N, labels_N) in enumerate(self._examples):
+                yield index, {"ids": ids_N, "labels": labels_N}
+            # Runs after the last example, before TFDS writes metadata.json.
+            self.info.metadata.update(self.stats)
+
+        # TFDS prints "Downloading and preparing dataset..." banners; build_dataset prints its own summary.
+        def _log_download_bytes(self):
+            pass
+
+        def _log_download_done(self):
+            pass
+
+    return SftExamples
+
+
+def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None = None,
+                  split: str = "train", *, verbose: bool = False) -> DatasetInfo:
+    """Tokenizes `data.{split}` and writes the TFDS cache, or reuses it. Returns its `DatasetInfo`.
+
+    The tokenizer is `data.tokenizer`, else `tokenizer_path` (the model directory). Rows that cannot be trained on
+    are dropped and counted (`info.dropped`); an error is raised only when no example is left.
+    """
+    tok_dir = tokenizer_dir(data_cfg, tokenizer_path)
+    if tok_dir is None or not Path(os.path.expanduser(tok_dir)).is_dir():
+        formatting.load_tokenizer(tok_dir)  # raises the "tokenizer directory ... does not exist" error
+    tok_dir = str(Path(os.path.expanduser(tok_dir)).resolve())
+    key = cache_key(data_cfg, tok_dir, split)  # also checks that every local source exists
+    cache_dir = Path(os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE_DIR))
+    data_dir = cache_dir / f"{split}-{key}"
+    path = data_dir / BUILDER_NAME / "1.0.0"
+    if (path / "metadata.json").is_file():
+        info = _read_info(data_dir, split, key, reused=True)
+        if verbose:
+            print(info.summary())
+        return info
+
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(verbose)
+    tokenizer = formatting.load_tokenizer(tok_dir)
+    rows, taken = sources.mix(mixer_of(data_cfg, split), data_cfg.seed)
+    settings = {"tokenizer": tok_dir, "template": data_cfg.template, "max_seq_length": data_cfg.max_seq_length,
+                "add_bos": data_cfg.add_bos}
+    dropped: collections.Counter = collections.Counter()
+    lengths: list[int] = []
+    totals = {"num_truncated": 0, "num_label_tokens": 0}
+
+    def examples():
+        for item in formatting.tokenize_rows(rows, tokenizer, data_cfg.template, data_cfg.max_seq_length,
+                                             data_cfg.add_bos):
+            if isinstance(item, formatting.DroppedExample):
+                dropped[item.reason] += 1
+                continue
+            lengths.append(len(item.ids_N))
+            totals["num_truncated"] += item.truncated
+            totals["num_label_tokens"] += int(item.labels_N.sum())
+            yield item.ids_N, item.labels_N
+        if not lengths:
+            reasons = ", ".join(f"{n} {r} ({formatting.DROP_REASONS[r]})" for r, n in dropped.items())
+            raise DataError(f"data.{split}: all {len(rows)} rows were dropped: {reasons}; check the sources' "
+                            f"format (messages or prompt/completion) and data.max_seq_length")
+        builder.stats = {"split": split, "key": key, "sources": taken, "settings": settings,
+                         "dropped": dict(dropped), "lengths": lengths, **totals}
+
+    builder = _builder_class()(split=split, examples=examples(), data_dir=str(data_dir),
+                               file_format="array_record")
+    builder.download_and_prepare(download_dir=str(cache_dir / "tfds_downloads"))
+    info = _read_info(data_dir, split, key, reused=False)
+    if verbose:
+        print(info.summary())
+    return info
+
+
+def _read_info(data_dir: Path, split: str, key: str, reused: bool) -> DatasetInfo:
+    path = data_dir / BUILDER_NAME / "1.0.0"
+    meta = json.loads((path / "metadata.json").read_text())
+    lengths = np.asarray(meta["lengths"], np.int32)
+    return DatasetInfo(
+        path=path, data_dir=data_dir, split=split, key=key, num_examples=len(lengths),
+        num_dropped=sum(meta["dropped"].values()), dropped=meta["dropped"], num_truncated=meta["num_truncated"],
+        num_tokens=int(lengths.sum()), num_label_tokens=meta["num_label_tokens"], lengths=lengths,
+        sources=[tuple(s) for s in meta["sources"]], settings=meta["settings"], reused=reused)

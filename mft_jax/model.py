@@ -1,0 +1,336 @@
+"""Llama in Flax Linen: a pure function of (config, params, tokens).
+
+The params pytree mirrors Hugging Face's module names, so the converter is a transpose per tensor:
+`embed_tokens` [V, D], `layers_{i}/{input_layernorm,post_attention_layernorm}/scale`,
+`layers_{i}/self_attn/{q,k,v,o}_proj/{kernel,bias}`, `layers_{i}/mlp/{gate,up,down}_proj/{kernel,bias}`,
+`norm/scale`, `lm_head/kernel` (absent with tied embeddings). Kernels are [in, out] (HF stores [out, in]).
+Every param carries logical axis names (`param_logical_axes`); `mft_jax.sharding` maps them to mesh axes.
+
+The model knows nothing about masks: MFT transforms the params pytree before calling `forward`.
+
+Shape suffixes: B batch, L query length, S key length (cache size), D hidden, H query heads,
+K key/value heads, G = H // K query heads per key/value head, Dh head dim, F intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mft_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+
+_NEG_INF = float(np.finfo(np.float32).min)
+
+
+def _dtype(name_or_dtype) -> jnp.dtype:
+    return jnp.dtype(name_or_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rotary embeddings (rotate-half layout, as Hugging Face's Llama: q/k weights need no permutation)
+# --------------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] in float32, with `linear` or Llama-3.1 (`llama3`) scaling."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, L, Dh] in float32 for integer positions."""
+    freqs_BxLxDh2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(cfg))
+    emb_BxLxDh = jnp.concatenate([freqs_BxLxDh2, freqs_BxLxDh2], axis=-1)
+    return jnp.cos(emb_BxLxDh), jnp.sin(emb_BxLxDh)
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x_BxLxNxDh, cos_BxLxDh, sin_BxLxDh):
+    # HF casts cos/sin to the activation dtype before rotating; do the same for bf16 parity.
+    cos = cos_BxLxDh[:, :, None, :].astype(x_BxLxNxDh.dtype)
+    sin = sin_BxLxDh[:, :, None, :].astype(x_BxLxNxDh.dtype)
+    return x_BxLxNxDh * cos + _rotate_half(x_BxLxNxDh) * sin
+
+
+# --------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------
+
+def _init(initializer, axes):
+    return nn.with_logical_partitioning(initializer, axes)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] with logical axes."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", _init(nn.initializers.zeros_init(), self.axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        scale = self.param("scale", _init(nn.initializers.ones_init(), ("norm",)), (x_BxLxD.shape[-1],),
+                           self.param_dtype)
+        x32 = x_BxLxD.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S) -> jax.Array:
+    """[B, 1, 1, L, S] bool: causal on row index, and only within the same (non-padding) document."""
+    causal = kv_index_S[None, None, :] <= q_index_BxL[:, :, None]
+    same_doc = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+    return (causal & same_doc)[:, None, None, :, :]
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1x1xLxS):
+    """Grouped-query attention; scores and softmax in fp32, as Hugging Face's eager path."""
+    b, l, h, dh = q_BxLxHxDh.shape
+    kv_heads = k_BxSxKxDh.shape[2]
+    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kv_heads, h // kv_heads, dh)
+    logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh) * (dh ** -0.5)
+    logits_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, logits_BxKxGxLxS.astype(jnp.float32), _NEG_INF)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
+    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+    return out_BxLxKxGxDh.reshape(b, l, h, dh)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    attention: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
+        cfg = self.cfg
+        h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = functools.partial(Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        b, l, _ = x_BxLxD.shape
+        q = dense(h * dh, ("embed", "q_heads"), name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
+        k = dense(kv * dh, ("embed", "kv_heads"), name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
+        v = dense(kv * dh, ("embed", "kv_heads"), name="v_proj")(x_BxLxD).reshape(b, l, kv, dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            kv_segment_BxS, kv_index_S, new_cache = q_segment_BxL, jnp.arange(l), None
+        else:  # write this chunk into the cache at cache_index, attend over the whole cache
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+            kv_segment_BxS, kv_index_S = cache["segment_ids"], jnp.arange(k.shape[1])
+
+        if self.attention == "cudnn" and cache is None:
+            # cuDNN flash attention: causal only, so the batch must hold one right-padded document per row
+            # (padding queries produce values whose loss weight is zero).
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        else:
+            mask = attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S)
+            out = dot_product_attention(q, k, v, mask)
+        out = dense(cfg.hidden_size, ("q_heads", "embed"), name="o_proj")(out.reshape(b, l, h * dh))
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x_BxLxD)
+        up_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x_BxLxD)
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj")(nn.silu(gate_BxLxF) * up_BxLxF)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    attention: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
+        cfg = self.cfg
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, name="self_attn")(
+            norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
+        x_BxLxD = x_BxLxD + attn_out
+        mlp_out = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm(name="post_attention_layernorm")(x_BxLxD))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ("batch", "length", "act_embed"))
+        return x_BxLxD, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32  # only used by init
+    attention: str = "xla"
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
+        cfg = self.cfg
+        embedding_VxD = self.param("embed_tokens", _init(nn.initializers.normal(0.02), ("vocab", "embed")),
+                                   (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+        x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(self.dtype)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
+        cos, sin = rope_cos_sin(cfg, positions_BxL)
+
+        offset = 0 if cache is None else cache_index
+        q_index_BxL = jnp.broadcast_to(offset + jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        if cache is not None:
+            cache = dict(cache)
+            cache["segment_ids"] = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL,
+                                                                (0, cache_index))
+        layer_cls = DecoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
+        new_layers = []
+        for i in range(cfg.num_hidden_layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = {**cache["layers"][i], "segment_ids": cache["segment_ids"]}
+            x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention,
+                                                 name=f"layers_{i}")(x_BxLxD, cos, sin, segment_ids_BxL,
+                                                                     q_index_BxL, layer_cache, cache_index)
+            new_layers.append(new_layer_cache)
+        x_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
+        if cfg.tie_word_embeddings:
+            logits_BxLxV = jnp.dot(x_BxLxD, embedding_VxD.astype(self.dtype).T)
+        else:
+            logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="lm_head")(x_BxLxD)
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        if cache is None:
+            return logits_BxLxV, None
+        return logits_BxLxV, {"layers": new_layers, "segment_ids": cache["segment_ids"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------------
+
+def _module(cfg: LlamaConfig, compute_dtype=jnp.float32, attention="xla", remat="none", param_dtype=None):
+    return Llama(cfg, dtype=_dtype(compute_dtype), param_dtype=_dtype(param_dtype or cfg.dtype),
+                 attention=attention, remat=remat)
+
+
+def _init_inputs():
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return tokens, tokens, jnp.ones((1, 1), jnp.int32)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=None) -> Params:
+    """Random params (normal(0.02) matrices, unit norms, zero biases) as a plain dict of arrays."""
+    boxed = _module(cfg, param_dtype=dtype).init(key, *_init_inputs())["params"]
+    return nn.meta.unbox(boxed)
+
+
+def param_logical_axes(cfg: LlamaConfig) -> Params:
+    """A pytree like the params whose leaves are tuples of logical axis names (no allocation)."""
+    boxed = jax.eval_shape(lambda: _module(cfg).init(jax.random.key(0), *_init_inputs())["params"])
+    return jax.tree.map(lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shapes(cfg: LlamaConfig, dtype=None) -> Params:
+    """A pytree of `jax.ShapeDtypeStruct` like `init_params` returns, without allocating."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+def count_params(cfg: LlamaConfig) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat"))
+def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_ids=None, *,
+            compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none") -> jax.Array:
+    """Logits [B, L, V] in float32 for int tokens [B, L].
+
+    positions [B, L]: position of each token in its document (default 0..L-1).
+    segment_ids [B, L]: document id per token (0 = padding); attention never crosses documents.
+    compute_dtype: float32 or bfloat16 for activations and matmuls (norm statistics and softmax stay fp32).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    logits, _ = _module(cfg, compute_dtype, attention, remat).apply({"params": params}, tokens, positions,
+                                                                    segment_ids)
+    return logits
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `max_len` positions: per layer k, v [B, S, K, Dh]; segment_ids [B, S] (0 = empty)."""
+    shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+    return {"layers": layers, "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"), donate_argnames=("cache",))
+def forward_with_cache(cfg: LlamaConfig, params: Params, tokens, positions, segment_ids, cache: dict,
+                       cache_index, *, compute_dtype=jnp.float32) -> tuple[jax.Array, dict]:
+    """Runs tokens [B, T] that occupy cache slots [cache_index, cache_index + T); returns (logits, cache).
+
+    Rows are left-padded with segment id 0, so every row's next token goes to the same slot.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return _module(cfg, compute_dtype).apply({"params": params}, tokens, positions, segment_ids, cache,
+                                             cache_index)

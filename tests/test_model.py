@@ -1,0 +1,150 @@
+"""Llama forward parity with transformers, packing, bf16, and the HF round trip."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_models import VARIANTS, hf_logits, make_hf_llama
+from mft_jax import convert, model
+from mft_jax.config import LlamaConfig
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def hf_pair(request, tmp_path_factory):
+    hf = make_hf_llama(request.param)
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    hf.save_pretrained(path)
+    cfg, params = convert.load_hf(path)
+    return request.param, hf, path, cfg, params
+
+
+def _tokens(cfg, b, l, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(b, l)).astype(np.int32)
+
+
+def test_logits_match_transformers(hf_pair):
+    _, hf, _, cfg, params = hf_pair
+    tokens = _tokens(cfg, 2, 40)  # 40 > original_max_position_embeddings of the llama3 variant
+    ours = np.asarray(model.forward(cfg, params, tokens))
+    ref = hf_logits(hf, tokens)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_packed_documents_match_separate_runs(hf_pair):
+    _, _, _, cfg, params = hf_pair
+    a, b = _tokens(cfg, 1, 11, seed=1)[0], _tokens(cfg, 1, 17, seed=2)[0]
+    packed = np.concatenate([a, b, np.zeros(4, np.int32)])[None]
+    positions = np.concatenate([np.arange(11), np.arange(17), np.zeros(4)])[None].astype(np.int32)
+    segments = np.concatenate([np.full(11, 1), np.full(17, 2), np.zeros(4)])[None].astype(np.int32)
+    logits = np.asarray(model.forward(cfg, params, packed, positions, segments))
+    alone_a = np.asarray(model.forward(cfg, params, a[None]))
+    alone_b = np.asarray(model.forward(cfg, params, b[None]))
+    np.testing.assert_allclose(logits[0, :11], alone_a[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[0, 11:28], alone_b[0], atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_close_to_fp32(hf_pair):
+    _, _, _, cfg, params = hf_pair
+    tokens = _tokens(cfg, 2, 32)
+    fp32 = np.asarray(model.forward(cfg, params, tokens))
+    bf16 = np.asarray(model.forward(cfg, params, tokens, compute_dtype=jnp.bfloat16))
+    rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert rel < 2e-2, rel
+
+
+def test_save_hf_round_trip(hf_pair, tmp_path):
+    _, hf, _, cfg, params = hf_pair
+    out = convert.save_hf(cfg, params, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ref_state, new_state = hf.state_dict(), reloaded.state_dict()
+    assert set(ref_state) == set(new_state)
+    for name, tensor in ref_state.items():
+        assert torch.equal(tensor, new_state[name]), name
+    tokens = _tokens(cfg, 2, 24, seed=3)
+    assert np.abs(hf_logits(reloaded, tokens) - hf_logits(hf, tokens)).max() < 1e-5
+    assert np.abs(hf_logits(reloaded, tokens) - np.asarray(model.forward(cfg, params, tokens))).max() < 1e-4
+
+
+def test_kv_cache_matches_full_forward(hf_pair):
+    _, _, _, cfg, params = hf_pair
+    tokens = _tokens(cfg, 2, 12, seed=4)
+    full = np.asarray(model.forward(cfg, params, tokens))
+    cache = model.init_cache(cfg, 2, 16)
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
+    seg = np.ones((2, 12), np.int32)
+    prefill, cache = model.forward_with_cache(cfg, params, tokens[:, :8], pos[:, :8], seg[:, :8], cache, 0)
+    np.testing.assert_allclose(np.asarray(prefill), full[:, :8], atol=1e-5, rtol=0)
+    for t in range(8, 12):
+        step, cache = model.forward_with_cache(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1],
+                                               cache, t)
+        np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, t], atol=1e-5, rtol=0)
+
+
+def test_hf_config_formats_agree():
+    v4 = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192},
+          "max_position_embeddings": 131072, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5,
+          "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    v5["rope_parameters"] = {**v4["rope_scaling"], "rope_theta": 500000.0}
+    v5["dtype"] = "bfloat16"
+    a, b = LlamaConfig.from_hf(v4), LlamaConfig.from_hf(v5)
+    assert a == b
+    assert a.rope_theta == 500000.0 and a.rope_scaling["rope_type"] == "llama3" and a.dtype == "bfloat16"
+    assert LlamaConfig.from_hf(a.to_hf()) == a
+    # transformers 5 reads what we write.
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in a.to_hf().items() if k != "architectures"})
+    assert hf_cfg.rope_parameters["rope_theta"] == 500000.0
+    assert hf_cfg.rope_parameters["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"model_type": "mistral"}, "model_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unsupported_configs_are_refused(bad, field):
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match=field):
+        LlamaConfig.from_hf({**base, **bad})
+
+
+@pytest.mark.parametrize("name, hf_config, expected", [
+    ("llama2-7b", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "max_position_embeddings": 4096, "torch_dtype": "float16"}, 6_738_415_616),
+    ("llama3.1-8b", {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "max_position_embeddings": 131072, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     8_030_261_248),
+])
+def test_real_model_param_counts_without_allocation(name, hf_config, expected):
+    cfg = LlamaConfig.from_hf({"model_type": "llama", **hf_config})
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+    assert model.count_params(cfg) == expected
+
+
+def test_param_logical_axes_cover_every_param():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    axes = model.param_logical_axes(cfg)
+    shapes = model.param_shapes(cfg)
+    flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    flat_shapes = jax.tree.leaves(shapes)
+    assert len(flat_axes) == len(flat_shapes)
+    for a, s in zip(flat_axes, flat_shapes):
+        assert len(a) == len(s.shape)
+    assert axes["layers_1"]["self_attn"]["k_proj"]["kernel"] == ("embed", "kv_heads")
+    assert axes["embed_tokens"] == ("vocab", "embed")
