@@ -279,8 +279,8 @@ def _init_inputs():
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=None) -> Params:
     """Random params (normal(0.02) matrices, unit norms, zero biases) as a plain dict of arrays."""
-    boxed = _module(cfg, param_dtype=dtype).init(key, *_init_inputs())["params"]
-    return nn.meta.unbox(boxed)
+    init = jax.jit(lambda k: nn.meta.unbox(_module(cfg, param_dtype=dtype).init(k, *_init_inputs())["params"]))
+    return init(key)
 
 
 def param_logical_axes(cfg: LlamaConfig) -> Params:

@@ -253,10 +253,15 @@ def _render_chat_template(messages, tokenizer) -> tuple[str, list[tuple[int, int
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("data.template is chat_template but the tokenizer has no chat_template; use tulu or plain")
 
+    import jinja2
+
     def render(msgs, generation_prompt=False) -> str:
         if not msgs and not generation_prompt:
             return ""
-        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+        except jinja2.TemplateError as e:  # the template rejects this conversation (e.g. role order)
+            raise DroppedExample("malformed", f"chat_template: {e}") from None
 
     text = render(messages)
     spans = []

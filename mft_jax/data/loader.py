@@ -210,6 +210,8 @@ class SFTLoader(grain.DatasetIterator):
             raise DataError(f"process_index {process_index} is not in [0, process_count={process_count})")
         if batch_size <= 0:
             raise DataError(f"batch_size must be > 0, got {batch_size}")
+        if not (isinstance(seed, int) and seed >= 0):
+            raise DataError(f"the data seed must be an integer >= 0, got {seed!r}")
         if num_epochs is not None and num_epochs <= 0:
             raise DataError(f"num_epochs must be > 0 or None (repeat forever), got {num_epochs}")
         row_offsets_R1, row_docs = plan_rows(info.lengths, seq_len, packing, seed, shuffle)
@@ -228,6 +230,10 @@ class SFTLoader(grain.DatasetIterator):
         iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                                  prefetch_buffer_size=prefetch))
         if num_workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
+                flags.FLAGS.mark_as_parsed()
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
         # What a saved position means; restoring into a loader with other settings is refused.
         self.settings = {"dataset": info.key, "split": info.split, "batch_size": batch_size, "seq_len": seq_len,

@@ -100,18 +100,40 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"data source {str(path)!r}: cannot read Parquet ({e})") from None
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE",
+                                                                                      "HF_DATASETS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One HEAD request to the hub (honouring proxy settings): offline, `datasets` would retry for minutes."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _read_hub(source: str) -> list[dict]:
     name, _, split = source.partition(":")
     fix = (f"data source {source!r} is a Hugging Face dataset name: reading it needs the `datasets` package and "
-           f"network access (pip install datasets; or run once with network and HF_DATASETS_OFFLINE unset), or "
-           f"save a local copy as .jsonl / .parquet and list that path instead")
+           f"network access (or the dataset in the local Hugging Face cache and HF_DATASETS_OFFLINE=1); "
+           f"otherwise save a local copy as .jsonl / .parquet and list that path instead")
     try:
         import datasets  # only needed for hub sources
     except ImportError:
-        raise DataError(fix + " [`datasets` is not installed]") from None
+        raise DataError(fix + " [`datasets` is not installed: pip install datasets]") from None
+    if not _hub_offline() and not _hub_reachable():
+        raise DataError(fix + " [the hub is not reachable from this machine]")
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # offline, unknown name, gated: all end here
+    except Exception as e:  # unknown name, gated, not cached while offline: all end here
         raise DataError(f"{fix} [{type(e).__name__}: {e}]") from None
     return list(dataset)
 

@@ -183,6 +183,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
     settings = {"tokenizer": tok_dir, "template": data_cfg.template, "max_seq_length": data_cfg.max_seq_length,
                 "add_bos": data_cfg.add_bos}
     dropped: collections.Counter = collections.Counter()
+    first_drop: dict[str, str] = {}  # reason -> the first such message, for the all-dropped error
     lengths: list[int] = []
     totals = {"num_truncated": 0, "num_label_tokens": 0}
 
@@ -191,13 +192,14 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
                                              data_cfg.add_bos):
             if isinstance(item, formatting.DroppedExample):
                 dropped[item.reason] += 1
+                first_drop.setdefault(item.reason, str(item))
                 continue
             lengths.append(len(item.ids_N))
             totals["num_truncated"] += item.truncated
             totals["num_label_tokens"] += int(item.labels_N.sum())
             yield item.ids_N, item.labels_N
         if not lengths:
-            reasons = ", ".join(f"{n} {r} ({formatting.DROP_REASONS[r]})" for r, n in dropped.items())
+            reasons = "; ".join(f"{n} {r} (first: {first_drop[r]})" for r, n in dropped.items())
             raise DataError(f"data.{split}: all {len(rows)} rows were dropped: {reasons}; check the sources' "
                             f"format (messages or prompt/completion) and data.max_seq_length")
         builder.stats = {"split": split, "key": key, "sources": taken, "settings": settings,
@@ -205,7 +207,12 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
 
     builder = _builder_class()(split=split, examples=examples(), data_dir=str(data_dir),
                                file_format="array_record")
-    builder.download_and_prepare(download_dir=str(cache_dir / "tfds_downloads"))
+    try:
+        builder.download_and_prepare(download_dir=str(cache_dir / "tfds_downloads"))
+    except OSError:
+        # Another process sharing cache_dir finished the same dataset first (its rename won); theirs is identical.
+        if not (path / "metadata.json").is_file():
+            raise
     info = _read_info(data_dir, split, key, reused=False)
     if verbose:
         print(info.summary())

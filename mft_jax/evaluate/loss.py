@@ -1,0 +1,83 @@
+"""Held-out SFT loss and perplexity through the data pipeline (`mft_jax.data`).
+
+loss = sum(w * nll) / sum(w) over every target of the split, with the batches' `loss_weights` w: with
+loss_reduction "example" each document's weights sum to 1, so this is the mean of per-example mean losses
+(the training loss); with "token" it is the mean over supervised tokens. perplexity = exp(loss).
+token_loss is always the plain mean over supervised tokens (w > 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mft_jax import model as model_lib
+from mft_jax.config import DataConfig, LlamaConfig
+from mft_jax.evaluate.base import EvalModel, Task
+from mft_jax.generate import bucket
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"))
+def loss_sums(cfg: LlamaConfig, params, batch: dict, *, compute_dtype=jnp.float32) -> jax.Array:
+    """[4] float32: sum(w * nll), sum(w), sum(nll over w > 0), count(w > 0) for one batch of [B, L] arrays."""
+    logits_BxLxV = model_lib.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     compute_dtype=compute_dtype)
+    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    nll_BxL = logz_BxL - target_logit_BxL
+    w_BxL = batch["loss_weights"]
+    supervised_BxL = (w_BxL > 0).astype(jnp.float32)
+    return jnp.stack([jnp.sum(w_BxL * nll_BxL), jnp.sum(w_BxL), jnp.sum(supervised_BxL * nll_BxL),
+                      jnp.sum(supervised_BxL)])
+
+
+def _trim(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops the all-padding tail columns (to a power-of-two width, so few shapes compile)."""
+    used = np.flatnonzero(batch["segment_ids"].any(axis=0))
+    width = min(bucket(int(used[-1]) + 1 if used.size else 1, 16), batch["inputs"].shape[1])
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+class Loss(Task):
+    """`data_cfg`'s `split` ("dev" by default) through `make_loader`, in order, one pass."""
+
+    name = "loss"
+
+    def __init__(self, data_cfg: DataConfig, tokenizer_dir: str | None = None, split: str = "dev"):
+        super().__init__()
+        if not getattr(data_cfg, split):
+            raise ValueError(f"loss task: data.{split} lists no sources; give held-out data (--loss-data FILE)")
+        self.data_cfg, self.tokenizer_dir, self.split = data_cfg, tokenizer_dir, split
+        self.limit: int | None = None
+
+    def load(self, limit: int | None = None) -> "Loss":
+        self.limit = limit  # examples; the data itself is read (and cached) when run
+        return self
+
+    def __len__(self) -> int:
+        return self.limit or 0
+
+    def run(self, model: EvalModel) -> dict[str, float]:
+        from mft_jax.data import make_loader
+
+        tokenizer_dir = self.tokenizer_dir or self.data_cfg.tokenizer or model.tokenizer_dir
+        loader = make_loader(self.data_cfg, tokenizer_dir, self.split, model.batch_size, shuffle=False,
+                             num_epochs=1, process_index=0, process_count=1, drop_remainder=False,
+                             num_workers=0)
+        max_batches = loader.num_batches
+        if self.limit is not None:  # one example per row unless packed, so this reads >= limit examples
+            max_batches = min(max_batches, -(-self.limit // model.batch_size))
+        totals = np.zeros(4, np.float64)
+        for _, batch in zip(range(max_batches), loader):
+            totals += np.asarray(loss_sums(model.cfg, model.params, _trim(batch),
+                                           compute_dtype=model.compute_dtype), np.float64)
+        weighted, weight, token_nll, tokens = totals
+        if tokens == 0:
+            raise ValueError(f"loss task: data.{self.split} has no supervised tokens")
+        loss = weighted / weight
+        return {"loss": loss, "perplexity": math.exp(loss), "token_loss": token_nll / tokens,
+                "tokens": int(tokens), "batches": max_batches}

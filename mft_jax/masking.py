@@ -1,0 +1,303 @@
+"""MFT masks: which kernels are masked, their scores, exact top-k masks, straight-through gradient.
+
+Semantics (../shared/docs/MFT.md): per masked matrix of n weights, local mode keeps exactly
+n - int((1 - keep) * n) weights, those with the largest |score|; ties at the cut are broken by flat index
+(among equal |score|, higher flat indices are kept), which is what a stable ascending sort that drops its
+first int((1 - keep) * n) entries does. Global mode keeps score >= threshold (signed).
+
+The k-th largest |score| is found by bisection over the float bits (non-negative float32 values order
+like their int32 bit patterns): 31 counting passes, plus a bisection over the flat index only when ties
+straddle the cut; all masked matrices are searched together (`topk_mask_group`). Each pass is an elementwise compare and a sum, so on a sharded matrix only scalars
+cross devices; no sort, no all-gather.
+
+Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked kernels, e.g.
+{"layers_4": {"self_attn": {"q_proj": {"kernel": f32[D, H*Dh]}}}}. Kernels are [in, out] as in the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mft_jax.config import LlamaConfig, MaskConfig
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
+
+
+# --------------------------------------------------------------------------------------------------------
+# Paths and pytree helpers
+# --------------------------------------------------------------------------------------------------------
+
+def masked_paths(cfg: LlamaConfig, mask_cfg: MaskConfig) -> list[tuple[str, ...]]:
+    """Param paths of the masked kernels, in layer order."""
+    layers = range(cfg.num_hidden_layers) if mask_cfg.mode == "global" else sorted(mask_cfg.masked_layers)
+    paths = []
+    for i in layers:
+        if mask_cfg.modules in ("attn", "both"):
+            paths += [(f"layers_{i}", "self_attn", name, "kernel") for name in ATTN_PROJ]
+        if mask_cfg.modules in ("mlp", "both"):
+            paths += [(f"layers_{i}", "mlp", name, "kernel") for name in MLP_PROJ]
+    return paths
+
+
+def is_attn(path: tuple[str, ...]) -> bool:
+    return path[1] == "self_attn"
+
+
+def get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def flatten(tree) -> dict[tuple[str, ...], jax.Array]:
+    """Nested dict -> {path: leaf}."""
+    return {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def subtree(params, paths) -> dict:
+    """The params restricted to `paths` (same nesting)."""
+    return unflatten({p: get_path(params, p) for p in paths})
+
+
+def merge(params, sub) -> dict:
+    """params with the leaves of `sub` replaced (a new dict; params is not modified)."""
+    def replace(node, sub_node):
+        out = dict(node)
+        for key, value in sub_node.items():
+            out[key] = replace(node[key], value) if isinstance(value, dict) else value
+        return out
+    return replace(params, sub)
+
+
+def keep_fraction(path, mask_cfg: MaskConfig) -> float:
+    return mask_cfg.keep_attn if is_attn(path) else mask_cfg.keep_mlp
+
+
+def num_kept(n: int, keep: float) -> int:
+    """Exactly how many of n weights a local mask keeps: n - int((1 - keep) * n), as the reference."""
+    return n - int((1.0 - keep) * n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------------
+
+def init_scores(key: jax.Array, params, mask_cfg: MaskConfig, cfg: LlamaConfig) -> dict:
+    """float32 scores for every masked kernel: N(0, std) (the reference) or |W| (`init: magnitude`).
+
+    Normal scores are drawn once per distinct matrix shape (a stacked draw, then split), so the random
+    number generator compiles a handful of times rather than once per matrix."""
+    paths = masked_paths(cfg, mask_cfg)
+    if mask_cfg.init == "magnitude":
+        return unflatten({p: jnp.abs(get_path(params, p).astype(jnp.float32)) for p in paths})
+    by_shape: dict[tuple, list] = {}
+    for p in paths:
+        by_shape.setdefault(tuple(get_path(params, p).shape), []).append(p)
+    flat = {}
+    for g, (shape, members) in enumerate(sorted(by_shape.items())):
+        draws = mask_cfg.std * jax.random.normal(jax.random.fold_in(key, g), (len(members), *shape), jnp.float32)
+        flat.update({p: draws[j] for j, p in enumerate(members)})
+    return unflatten(flat)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact local top-k
+# --------------------------------------------------------------------------------------------------------
+
+def _count(x) -> jax.Array:
+    return jnp.sum(x, dtype=jnp.int32)
+
+
+def _flat_index(shape) -> jax.Array:
+    """Row-major flat index of every element, built from iotas so each shard computes its own part."""
+    index = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return index
+
+
+def _bisect(num_iters: int, lo, hi, enough_fn):
+    """Vector bisection: per entry, the largest x in [lo, hi) with enough_fn(x) true (true at lo, false at hi)."""
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = enough_fn(mid)
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+    return jax.lax.fori_loop(0, num_iters, step, (lo, hi))[0]
+
+
+def topk_mask_group(scores: list[jax.Array], keeps: list[float]) -> list[jax.Array]:
+    """Exact local top-k masks of several matrices at once.
+
+    Matrices of the same shape are stacked, and one bisection runs for all of them together: each pass is
+    one compare-and-count per distinct shape (4 for a Llama layer's 7 projections, however many layers are
+    masked) and one all-reduce of a small vector of counts, and XLA compiles one loop, not one per matrix.
+    """
+    ks = [num_kept(s.size, keep) for s, keep in zip(scores, keeps)]
+    for s in scores:
+        if s.size >= 2**31:
+            raise ValueError(f"a masked matrix of {s.size} elements exceeds the int32 index range")
+    masks: list = [jnp.ones(s.shape, bool) for s in scores]
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, k) in enumerate(zip(scores, ks)):
+        if k < s.size:  # keep == 1.0 masks nothing
+            groups.setdefault(tuple(s.shape), []).append(i)
+    if not groups:
+        return masks
+    order = [i for members in groups.values() for i in members]  # matrix order of the count vectors
+    bits = [jnp.stack([jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32)
+                       for i in members]) for members in groups.values()]  # [G, ...] per shape
+    index = [_flat_index(shape) for shape in groups]
+    bounds = np.cumsum([0] + [len(members) for members in groups.values()])
+
+    def per_group(vector, g):  # this group's slice of a per-matrix vector, broadcastable against bits[g]
+        return vector[bounds[g]:bounds[g + 1]].reshape((-1,) + (1,) * (bits[g].ndim - 1))
+
+    def counts(predicate) -> jax.Array:  # [T] counts of predicate(bits, group) per matrix
+        return jnp.concatenate([jnp.sum(predicate(b, g), axis=tuple(range(1, b.ndim)), dtype=jnp.int32)
+                                for g, b in enumerate(bits)])
+
+    k = jnp.asarray([ks[i] for i in order], jnp.int32)
+    zeros = jnp.zeros(len(order), jnp.int32)
+    # v: the largest bit pattern with count(bits >= v) >= k, i.e. the k-th largest |score| of each matrix.
+    v = _bisect(31, zeros, jnp.full(len(order), _INF_BITS + 1, jnp.int32),
+                lambda mid: counts(lambda b, g: b >= per_group(mid, g)) >= k)
+    need = k - counts(lambda b, g: b > per_group(v, g))  # entries equal to v that are kept (>= 1)
+    ties = counts(lambda b, g: b == per_group(v, g)) > need
+    # Where more entries equal v than are kept, keep those with the highest flat index: p is the largest
+    # index with count(b == v and index >= p) >= need. Skipped when no matrix has such a tie.
+    n = jnp.asarray([scores[i].size for i in order], jnp.int32)
+    iters = max(1, math.ceil(math.log2(max(scores[i].size for i in order) + 1)))
+
+    def tie_cut():
+        return _bisect(iters, zeros, n, lambda mid: counts(
+            lambda b, g: (b == per_group(v, g)) & (index[g] >= per_group(mid, g))) >= need)
+
+    p = jnp.where(ties, jax.lax.cond(jnp.any(ties), tie_cut, lambda: zeros), 0)
+    for g, members in enumerate(groups.values()):
+        group_mask = (bits[g] > per_group(v, g)) | ((bits[g] == per_group(v, g)) & (index[g] >= per_group(p, g)))
+        for j, i in enumerate(members):
+            masks[i] = group_mask[j]
+    return masks
+
+
+@functools.partial(jax.jit, static_argnames="keep")
+def topk_mask(score: jax.Array, keep: float) -> jax.Array:
+    """bool mask keeping exactly num_kept(n, keep) entries of largest |score|; ties kept by higher index."""
+    return topk_mask_group([score], [keep])[0]
+
+
+def topk_masks(scores, mask_cfg: MaskConfig) -> dict:
+    """bool masks for a scores pytree: local top-k of |score| per matrix, or global score >= threshold."""
+    flat = flatten(scores)
+    if mask_cfg.mode == "global":
+        return unflatten({path: score >= (mask_cfg.threshold_attn if is_attn(path) else mask_cfg.threshold_mlp)
+                          for path, score in flat.items()})
+    paths = list(flat)
+    masks = topk_mask_group([flat[p] for p in paths], [keep_fraction(p, mask_cfg) for p in paths])
+    return unflatten(dict(zip(paths, masks)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Straight-through estimator and applying masks
+# --------------------------------------------------------------------------------------------------------
+
+def ste_masks(scores, masks, mask_cfg: MaskConfig) -> dict:
+    """Float masks equal to `masks` in the forward pass, with the straight-through gradient.
+
+    The mask's backward is the identity, then through the abs in local mode: d mask / d score = sign(score).
+    `a - stop_gradient(a)` is exactly 0.0 in the forward pass, so the values are exactly 0 or 1.
+    """
+    def one(score, mask):
+        a = score if mask_cfg.mode == "global" else jnp.abs(score)
+        return mask.astype(jnp.float32) + (a - jax.lax.stop_gradient(a))
+    return jax.tree.map(one, scores, masks)
+
+
+def score_grads(scores, masked_weights, weight_grads, mask_cfg: MaskConfig) -> dict:
+    """Straight-through gradient in closed form: dL/ds = sign(s) * W * dL/dW~ (global mode: W * dL/dW~).
+
+    `weight_grads` are the gradients with respect to the masked kernels W~ = W * m.
+    """
+    def one(score, w, g):
+        grad = w.astype(jnp.float32) * g.astype(jnp.float32)
+        return grad if mask_cfg.mode == "global" else jnp.sign(score) * grad
+    return jax.tree.map(one, scores, masked_weights, weight_grads)
+
+
+def masked_kernels(params, masks) -> dict:
+    """W * m for the masked kernels only (same nesting as masks), in each weight's dtype."""
+    return jax.tree.map(lambda m, w: w * m.astype(w.dtype), masks, subtree(params, flatten(masks).keys()))
+
+
+def apply_masks(params, masks) -> dict:
+    """params with every masked kernel multiplied by its mask (bool or float 0/1)."""
+    return merge(params, masked_kernels(params, masks))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------------
+
+def random_masks(key: jax.Array, params, mask_cfg: MaskConfig, cfg: LlamaConfig) -> dict:
+    """Bernoulli(keep) masks on the same matrices (the paper's random baseline)."""
+    out = {}
+    for i, path in enumerate(masked_paths(cfg, mask_cfg)):
+        shape = get_path(params, path).shape
+        out[path] = jax.random.bernoulli(jax.random.fold_in(key, i), keep_fraction(path, mask_cfg), shape)
+    return unflatten(out)
+
+
+def magnitude_masks(params, mask_cfg: MaskConfig, cfg: LlamaConfig) -> dict:
+    """Drop the smallest |W| per matrix at the same ratio (the paper's L1 / magnitude baseline)."""
+    paths = masked_paths(cfg, mask_cfg)
+    masks = topk_mask_group([get_path(params, p) for p in paths], [keep_fraction(p, mask_cfg) for p in paths])
+    return unflatten(dict(zip(paths, masks)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bit packing: 1 bit per weight
+# --------------------------------------------------------------------------------------------------------
+
+def pack(masks) -> dict:
+    """bool masks -> {path: (uint8 bits [ceil(n / 8)], shape)}; row-major, most significant bit first."""
+    return {path: (np.packbits(np.asarray(m, dtype=bool).reshape(-1)), tuple(m.shape))
+            for path, m in flatten(masks).items()}
+
+
+def unpack(packed) -> dict:
+    """Inverse of `pack`."""
+    return unflatten({path: np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
+                      for path, (bits, shape) in packed.items()})
+
+
+def mask_stats(masks) -> dict:
+    """Kept fraction per module type (attn, mlp) and in total."""
+    kept = {"attn": 0, "mlp": 0}
+    total = {"attn": 0, "mlp": 0}
+    for path, m in flatten(masks).items():
+        kind = "attn" if is_attn(path) else "mlp"
+        kept[kind] += _count(m)
+        total[kind] += m.size
+    out = {f"kept_{kind}": kept[kind] / total[kind] for kind in kept if total[kind]}
+    out["kept"] = sum(kept.values()) / max(sum(total.values()), 1)
+    return out

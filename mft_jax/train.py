@@ -1,0 +1,470 @@
+"""The jitted, sharded training step and the training loop (MFT and its FFT baseline).
+
+MFT (`train.mode: mft`): the only trainable pytree is the mask scores. Per optimizer step:
+  1. masks were computed from the scores once, at the end of the previous step (carried in the state);
+  2. W~ = W * m for the masked kernels; a `lax.scan` over micro-batches accumulates dL/dW~ (fp32), with the
+     frozen params closed over so XLA builds no gradient below the first masked layer;
+  3. straight-through: dL/ds = sign(s) * W * dL/dW~; optax AdamW updates the scores;
+  4. the new masks are computed (exact top-k, once) and compared with the old ones (mask flips).
+FFT (`train.mode: fft`): the trainable tree is the params themselves (fp32 master copy).
+The loss is sum(w * nll) / sum(w) over the whole optimizer batch (see mft_jax.losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mft_jax import checkpoint as ckpt_lib
+from mft_jax import convert, losses, masking, model, sharding
+from mft_jax.config import ConfigError, LlamaConfig, RunConfig
+
+BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------------
+
+def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warm-up over ceil(warmup_ratio * steps) from 0, then linear decay to 0 (as HF's Trainer)."""
+    warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)
+    if optim_cfg.schedule == "constant":
+        decay = optax.constant_schedule(optim_cfg.lr)
+    else:
+        decay = optax.linear_schedule(optim_cfg.lr, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, optim_cfg.lr, warmup), decay], [warmup])
+
+
+def build_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = lr_schedule(optim_cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                        weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.clip_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), adamw), schedule
+    return adamw, schedule
+
+
+# --------------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the step needs that is fixed for a run."""
+
+    run: RunConfig
+    cfg: LlamaConfig
+    mesh: jax.sharding.Mesh
+    param_shardings: Any
+    total_steps: int
+    micro_batches: int
+
+    def __post_init__(self):
+        self.mode = self.run.train.mode
+        self.mask_cfg = self.run.mask
+        self.paths = masking.masked_paths(self.cfg, self.mask_cfg) if self.mode == "mft" else []
+        self.optimizer, self.schedule = build_optimizer(self.run.optim, self.total_steps)
+        self.compute_dtype = jnp.dtype(self.run.model.compute_dtype)
+
+    def forward(self, params, batch):
+        attention = self.run.model.attention
+        if attention == "auto":
+            attention = "cudnn" if jax.default_backend() == "gpu" and not self.run.data.packing else "xla"
+        return model.forward(self.cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             compute_dtype=self.compute_dtype, attention=attention, remat=self.run.model.remat)
+
+    # Shardings of the state ------------------------------------------------------------------------------
+    def trainable_shardings(self):
+        if self.mode == "fft":
+            return self.param_shardings
+        return masking.subtree(self.param_shardings, self.paths)
+
+    def state_shapes(self, params_shapes):
+        return jax.eval_shape(lambda p: self._init_state(p, jax.random.key(0)), params_shapes)
+
+    def state_shardings(self, params_shapes):
+        shapes = self.state_shapes(params_shapes)
+        trainable = self.trainable_shardings()
+        out = {"step": sharding.replicated(self.mesh), "trainable": trainable,
+               "opt_state": sharding.opt_state_shardings(self.optimizer, shapes["opt_state"], trainable, self.mesh)}
+        if "masks" in shapes:
+            out["masks"] = trainable
+        return out
+
+    # State ---------------------------------------------------------------------------------------------------
+    def _init_state(self, params, key):
+        if self.mode == "fft":
+            trainable = jax.tree.map(lambda w: w.astype(jnp.float32), params)
+        else:
+            trainable = masking.init_scores(key, params, self.mask_cfg, self.cfg)
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+                 "opt_state": self.optimizer.init(trainable)}
+        if self.mode == "mft":
+            state["masks"] = masking.topk_masks(trainable, self.mask_cfg)
+        return state
+
+    def init_state(self, params, key):
+        shardings = self.state_shardings(params)
+        return jax.jit(self._init_state, out_shardings=shardings)(params, key)
+
+    def with_masks(self, state):
+        """Adds the (derived) masks to a restored state."""
+        if self.mode != "mft":
+            return state
+        masks = jax.jit(lambda s: masking.topk_masks(s, self.mask_cfg),
+                        out_shardings=self.trainable_shardings())(state["trainable"])
+        return {**state, "masks": masks}
+
+    # The training step ---------------------------------------------------------------------------------------
+    def _step(self, params, state, batch_MxBxL):
+        trainable = state["trainable"]
+        if self.mode == "fft":
+            diff = trainable
+            to_model = lambda d: d  # noqa: E731
+        else:
+            masked_w = masking.subtree(params, self.paths)
+            diff = jax.tree.map(lambda w, m: w * m.astype(w.dtype), masked_w, state["masks"])  # W~ = W * m
+            to_model = lambda d: masking.merge(params, d)  # noqa: E731
+
+        def micro_loss(d, micro):
+            return losses.sft_sums(self.forward(to_model(d), micro), micro["targets"], micro["loss_weights"])
+
+        def accumulate(carry, micro):
+            grad_acc, num_acc, den_acc, tok_acc = carry
+            (num, den), grad = jax.value_and_grad(micro_loss, has_aux=True)(diff, micro)
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad)
+            tokens = jnp.sum(micro["segment_ids"] > 0, dtype=jnp.int32)
+            return (grad_acc, num_acc + num, den_acc + den, tok_acc + tokens), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), diff)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grad_sum, num, den, tokens), _ = jax.lax.scan(accumulate, init, batch_MxBxL)
+        den = jnp.maximum(den, 1e-12)
+        loss = num / den
+        diff_grads = jax.tree.map(lambda g: g / den, grad_sum)
+        if self.mode == "fft":
+            grads = diff_grads
+        else:
+            grads = masking.score_grads(trainable, masked_w, diff_grads, self.mask_cfg)
+
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+                   "tokens": tokens, "label_weight": den}
+        if self.mode == "mft":
+            new_masks = masking.topk_masks(new_trainable, self.mask_cfg)
+            new_state["masks"] = new_masks
+            metrics["mask_flips"] = sum(jnp.sum(a != b, dtype=jnp.int32)
+                                        for a, b in zip(jax.tree.leaves(new_masks), jax.tree.leaves(state["masks"])))
+            metrics.update(masking.mask_stats(new_masks))
+        # A non-finite loss or gradient leaves the state untouched; the loop then stops with an error.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 {**state, "step": state["step"] + 1})
+        metrics["finite"] = finite
+        return new_state, metrics
+
+    def jit_step(self, params_shapes):
+        state_shardings = self.state_shardings(params_shapes)
+        step = jax.jit(self._step,
+                       in_shardings=(self.param_shardings, state_shardings, sharding.batch_sharding(self.mesh)),
+                       out_shardings=(state_shardings, sharding.replicated(self.mesh)),
+                       donate_argnums=(1,))
+        return step
+
+    # Evaluation ------------------------------------------------------------------------------------------
+    def effective_params(self, params, state):
+        """The params the model runs with: W * m for MFT, the trained weights (base dtype) for FFT."""
+        if self.mode == "fft":
+            return jax.tree.map(lambda t, p: t.astype(p.dtype), state["trainable"], params)
+        return masking.apply_masks(params, state["masks"])
+
+    def _eval_sums(self, params, state, batch_BxL):
+        num, den = losses.sft_sums(self.forward(self.effective_params(params, state), batch_BxL),
+                                   batch_BxL["targets"], batch_BxL["loss_weights"])
+        return num, den
+
+    def jit_eval(self, params_shapes):
+        return jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.state_shardings(params_shapes),
+                                                      sharding.batch_sharding(self.mesh, micro_batched=False)))
+
+    def frozen_floor_step(self, params, batch_MxBxL):
+        """The same forward and backward with weight gradients for the masked kernels, no mask or optimizer
+        work: the floor the MFT step is measured against (bench/step.py)."""
+        diff = masking.subtree(params, self.paths)
+
+        def accumulate(grad_acc, micro):
+            def micro_loss(d):
+                return losses.sft_sums(self.forward(masking.merge(params, d), micro), micro["targets"],
+                                       micro["loss_weights"])[0]
+            grad = jax.grad(micro_loss)(diff)
+            return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), diff)
+        return jax.lax.scan(accumulate, zeros, batch_MxBxL)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run setup helpers (checks before anything compiles)
+# --------------------------------------------------------------------------------------------------------
+
+def check_run(run: RunConfig) -> LlamaConfig:
+    """Validates the run against its model and data before any work; returns the model's config."""
+    if not run.model.path:
+        raise ConfigError("model.path is empty; set it to a Hugging Face checkpoint directory "
+                          "(config.json + *.safetensors) or an orbax params checkpoint from `mft-jax convert`")
+    cfg = convert.load_config(run.model.path)
+    if run.train.mode == "mft":
+        run.mask.check_against(cfg)
+    if not run.data.train:
+        raise ConfigError("data.train is empty; give {source: rows}, e.g. {data/train.jsonl: null}")
+    tokenizer = run.data.tokenizer or run.model.path
+    if not Path(tokenizer).is_dir() or not any(Path(tokenizer).glob("tokenizer*")):
+        raise ConfigError(f"no tokenizer in {tokenizer!r}: put the tokenizer files in the model directory or "
+                          f"set data.tokenizer to a Hugging Face tokenizer directory")
+    return cfg
+
+
+def total_steps(run: RunConfig, batches_per_epoch: int) -> int:
+    if run.train.max_steps is not None:
+        return run.train.max_steps
+    return max(1, math.ceil(run.train.epochs * batches_per_epoch))
+
+
+def to_micro_batches(batch: dict, micro_batches: int) -> dict:
+    """[B, L] host arrays -> [M, B / M, L]."""
+    return {k: v.reshape(micro_batches, v.shape[0] // micro_batches, *v.shape[1:]) for k, v in batch.items()}
+
+
+def global_batch(batch: dict, mesh, micro_batched=True) -> dict:
+    target = sharding.batch_sharding(mesh, micro_batched)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard and a progress bar; only process 0 writes."""
+
+    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.file = self.tb = self.bar = None
+        if not self.enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # TensorBoard logging is optional
+            self.tb = None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def progress(self, steps: int, postfix: dict):
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------
+
+def _dev_loss(setup, eval_fn, params, state, loader_factory) -> float | None:
+    if loader_factory is None:
+        return None
+    num = den = 0.0
+    for batch in loader_factory():
+        n, d = eval_fn(params, state, global_batch(batch, setup.mesh, micro_batched=False))
+        num, den = num + float(n), den + float(d)
+    return num / max(den, 1e-12)
+
+
+def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | None = None) -> dict:
+    """Runs (or resumes) a training run; returns a summary. Writes RUN/{config.yaml, metrics.jsonl, tb/,
+    checkpoints/}. `max_steps_this_run` stops early after that many steps (tests), like a preemption."""
+    import yaml
+
+    from mft_jax import data as data_lib
+
+    cfg = check_run(run)
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+        (run_dir / "DONE").unlink(missing_ok=True)
+
+    mesh = sharding.make_mesh(run.mesh)
+    micro_size = run.train.micro_batch_size or run.train.batch_size
+    dp = sharding.data_parallel_size(mesh)
+    if micro_size % dp:
+        raise ConfigError(f"train.micro_batch_size ({micro_size}) must be a multiple of the data-parallel size "
+                          f"mesh.data * mesh.fsdp = {dp}")
+    processes = jax.process_count()
+    if run.train.batch_size % processes:
+        raise ConfigError(f"train.batch_size ({run.train.batch_size}) must be a multiple of the process count "
+                          f"({processes})")
+    tokenizer_dir = run.data.tokenizer or run.model.path
+    loader = data_lib.make_loader(run.data, tokenizer_dir, "train", run.train.batch_size // processes)
+    steps = total_steps(run, loader.batches_per_epoch)
+    dev_loader = None
+    if run.data.dev:
+        def dev_loader():
+            return data_lib.make_loader(run.data, tokenizer_dir, "dev", micro_size // processes, num_epochs=1)
+
+    param_shardings = sharding.param_shardings(cfg, mesh, model.param_shapes(cfg, run.model.dtype))
+    _, params = convert.load_any(run.model.path, dtype=run.model.dtype, shardings=param_shardings)
+    setup = Setup(run, cfg, mesh, param_shardings, steps, run.train.batch_size // micro_size)
+
+    checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", run.ckpt.keep, run.ckpt.save_every,
+                                         run.ckpt.async_save)
+    start = checkpointer.latest_step()
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        step_fn = setup.jit_step(params)
+        eval_fn = setup.jit_eval(params) if dev_loader else None
+        if start is None:
+            state = setup.init_state(params, jax.random.key(run.train.seed))
+            start = 0
+        else:
+            shapes = setup.state_shapes(params)
+            shapes.pop("masks", None)
+            target = ckpt_lib.abstract_like(shapes, {k: v for k, v in setup.state_shardings(params).items()
+                                                     if k != "masks"})
+            state, data_state = checkpointer.restore(start, target)
+            state = setup.with_masks(state)
+            loader.set_state(data_state)
+            if verbose:
+                print(f"resumed from {checkpointer.directory}/{start}")
+
+        log = MetricsLog(run_dir, steps, start, enabled=verbose)
+        summary = {"run_dir": str(run_dir), "total_steps": steps, "start_step": start}
+        pending = None  # metrics of the last dispatched step, fetched one step late (keeps the device busy)
+        window = {"flips": 0, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
+        final_step, stopped = start, None
+
+        def drain(pending, step_done):
+            metrics = jax.device_get(pending)
+            if not bool(metrics["finite"]):
+                raise NonFiniteLossError(
+                    f"loss or gradient is not finite at step {step_done} (loss={float(metrics['loss'])}, "
+                    f"grad_norm={float(metrics['grad_norm'])}); the state was not updated and the last "
+                    f"checkpoint is intact. Lower optim.lr, set optim.clip_grad_norm, or check the data.")
+            window["flips"] += int(metrics.get("mask_flips", 0))
+            window["tokens"] += int(metrics["tokens"])
+            window["steps"] += 1
+            if step_done % run.train.log_every == 0 or step_done == steps:
+                elapsed = time.perf_counter() - window["t0"]
+                record = {"step": step_done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+                if "mask_flips" in metrics:
+                    record["mask_flips"] = window["flips"]
+                    record.update({k: float(metrics[k]) for k in ("kept", "kept_attn", "kept_mlp") if k in metrics})
+                if eval_fn is not None and run.train.eval_every and step_done % run.train.eval_every == 0:
+                    record["dev_loss"] = _dev_loss(setup, eval_fn, params, state, dev_loader)
+                log.write(record)
+                log.progress(window["steps"], {"loss": f"{record['loss']:.4f}",
+                                               "tok/s": f"{record['tokens_per_s']:.0f}"})
+                summary["last"] = record
+                window.update(flips=0, tokens=0, t0=time.perf_counter(), steps=0)
+            return metrics
+
+        try:
+            with _StopSignal() as stop:
+                for step in range(start, steps):
+                    batch = global_batch(to_micro_batches(next(loader), setup.micro_batches), mesh)
+                    state, metrics = step_fn(params, state, batch)
+                    if pending is not None:
+                        drain(*pending)
+                    pending = (metrics, step + 1)
+                    final_step = step + 1
+                    if stop.received or (max_steps_this_run and final_step - start >= max_steps_this_run):
+                        stopped = stop.received or "max_steps_this_run"
+                        break
+                    checkpointer.save(final_step, _saved(state), loader.get_state())
+                if pending is not None:
+                    drain(*pending)
+            checkpointer.save(final_step, _saved(state), loader.get_state(), force=True)
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+            log.close()
+
+        summary.update(final_step=final_step, stopped=stopped)
+        if stopped is None and eval_fn is not None:
+            summary["dev_loss"] = _dev_loss(setup, eval_fn, params, state, dev_loader)
+        if stopped and verbose:
+            print(f"stopped ({stopped}) at step {final_step}/{steps}; checkpoint saved. Run the same command "
+                  f"again to resume.")
+        if stopped is None and jax.process_index() == 0:
+            (run_dir / "DONE").write_text(json.dumps(summary, default=str))
+    return summary
+
+
+def _saved(state: dict) -> dict:
+    """What a checkpoint holds: masks are derived from the scores, so they are not saved."""
+    return {k: v for k, v in state.items() if k != "masks"}

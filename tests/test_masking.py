@@ -1,0 +1,175 @@
+"""Masks: exact counts, ties, sort-based reference, straight-through gradient, keep=1, packing, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mft_jax import losses, masking, model
+from mft_jax.config import LlamaConfig, MaskConfig
+
+TINY = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def sort_reference(score: np.ndarray, keep: float) -> np.ndarray:
+    """Stable ascending sort of |score|; the first int((1 - keep) * n) entries are dropped."""
+    flat = np.abs(score.astype(np.float32)).reshape(-1)
+    drop = int((1 - keep) * flat.size)
+    mask = np.ones(flat.size, bool)
+    mask[np.argsort(flat, kind="stable")[:drop]] = False
+    return mask.reshape(score.shape)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    yield "normal", rng.normal(size=(37, 53)).astype(np.float32)
+    yield "ties", rng.integers(-3, 4, size=(64, 40)).astype(np.float32)  # 7 distinct values, ~50% ties at cut
+    yield "all_equal", np.full((16, 24), 0.5, np.float32)
+    yield "signed_zeros", np.where(rng.random((20, 30)) < 0.5, -0.0, 0.0).astype(np.float32)
+    yield "tiny_and_huge", (rng.normal(size=(30, 30)) * 10.0 ** rng.integers(-40, 38, (30, 30))).astype(np.float32)
+    yield "bf16_ties", rng.normal(size=(48, 64)).astype(jnp.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.37, 0.01, 1.0])
+@pytest.mark.parametrize("name, score", list(_inputs()), ids=[n for n, _ in _inputs()])
+def test_topk_is_exact_and_matches_sort(name, score, keep):
+    mask = np.asarray(jax.jit(masking.topk_mask, static_argnums=1)(jnp.asarray(score), keep))
+    n = score.size
+    assert mask.sum() == n - int((1 - keep) * n)
+    np.testing.assert_array_equal(mask, sort_reference(score, keep))
+
+
+def test_published_counts():
+    # Llama-2-7B shapes at keep 0.9: q_proj 4096x4096 and up_proj 4096x11008.
+    assert masking.num_kept(4096 * 4096, 0.9) == 16777216 - 1677721
+    assert masking.num_kept(4096 * 11008, 0.9) == 45088768 - 4508876
+
+
+def _params_and_cfg(modules="both", layers=(1, 2), keep_attn=0.8, keep_mlp=0.6):
+    params = model.init_params(TINY, jax.random.key(0), jnp.float32)
+    mask_cfg = MaskConfig(modules=modules, masked_layers=list(layers), keep_attn=keep_attn, keep_mlp=keep_mlp)
+    return params, mask_cfg
+
+
+@pytest.mark.parametrize("modules, count", [("attn", 8), ("mlp", 6), ("both", 14)])
+def test_masked_paths(modules, count):
+    _, mask_cfg = _params_and_cfg(modules)
+    paths = masking.masked_paths(TINY, mask_cfg)
+    assert len(paths) == count and all(p[0] in ("layers_1", "layers_2") for p in paths)
+
+
+def test_masks_per_module_counts():
+    params, mask_cfg = _params_and_cfg()
+    scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
+    masks = masking.topk_masks(scores, mask_cfg)
+    for path, m in masking.flatten(masks).items():
+        keep = mask_cfg.keep_attn if path[1] == "self_attn" else mask_cfg.keep_mlp
+        assert int(m.sum()) == m.size - int((1 - keep) * m.size), path
+        assert scores_dtype_ok(masking.get_path(scores, path))
+
+
+def scores_dtype_ok(score):
+    return score.dtype == jnp.float32
+
+
+def _loss(params, tokens):
+    logits = model.forward(TINY, params, tokens[:, :-1])
+    return losses.sft(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))
+
+
+def test_straight_through_gradient_closed_form():
+    params, mask_cfg = _params_and_cfg()
+    scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
+    masks = masking.topk_masks(scores, mask_cfg)
+
+    # Route 1: jax.grad through the straight-through float masks.
+    def through_ste(s):
+        return _loss(masking.apply_masks(params, masking.ste_masks(s, masks, mask_cfg)), tokens)
+
+    grad_ste = jax.grad(through_ste)(scores)
+    # Route 2, independent: dL/dW~ at W~ = W * m, then sign(s) * W * dL/dW~ by hand in numpy.
+    w_tilde = masking.masked_kernels(params, masks)
+    g_w = jax.grad(lambda wt: _loss(masking.merge(params, wt), tokens))(w_tilde)
+    for path, g in masking.flatten(grad_ste).items():
+        s = np.asarray(masking.get_path(scores, path))
+        w = np.asarray(masking.get_path(params, path))
+        expected = np.sign(s) * w * np.asarray(masking.get_path(g_w, path))
+        np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-9)
+        assert np.count_nonzero(expected) > 0.95 * expected.size  # dense: dropped weights get gradients too
+    closed = masking.score_grads(scores, masking.subtree(params, masking.flatten(scores)), g_w, mask_cfg)
+    for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(grad_ste)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
+
+
+def test_keep_one_reproduces_unmasked_logits_exactly():
+    params, mask_cfg = _params_and_cfg(keep_attn=1.0, keep_mlp=1.0)
+    scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
+    masks = masking.topk_masks(scores, mask_cfg)
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
+    plain = np.asarray(model.forward(TINY, params, tokens))
+    for masked in (masking.apply_masks(params, masks),
+                   masking.apply_masks(params, masking.ste_masks(scores, masks, mask_cfg))):
+        np.testing.assert_array_equal(np.asarray(model.forward(TINY, masked, tokens)), plain)
+
+
+def test_masked_weights_are_zero_and_others_untouched():
+    params, mask_cfg = _params_and_cfg()
+    masks = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
+    masked = masking.apply_masks(params, masks)
+    flat_masks = masking.flatten(masks)
+    for path, w in masking.flatten(params).items():
+        new = np.asarray(masking.get_path(masked, path))
+        if path in flat_masks:
+            m = np.asarray(flat_masks[path])
+            np.testing.assert_array_equal(new, np.where(m, np.asarray(w), 0))
+        else:
+            np.testing.assert_array_equal(new, np.asarray(w))
+
+
+def test_global_mode_threshold_and_gradient():
+    params, _ = _params_and_cfg()
+    mask_cfg = MaskConfig(mode="global", modules="attn", masked_layers=[], threshold_attn=0.01)
+    scores = masking.init_scores(jax.random.key(3), params, mask_cfg, TINY)
+    assert len(masking.flatten(scores)) == 4 * TINY.num_hidden_layers  # every layer
+    masks = masking.topk_masks(scores, mask_cfg)
+    for s, m in zip(jax.tree.leaves(scores), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(s) >= 0.01)
+    g = jax.grad(lambda s: jnp.sum(jax.tree.leaves(masking.ste_masks(s, masks, mask_cfg))[0] * 3.0))(scores)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(g)[0]), 3.0)  # identity, no sign
+
+
+def test_baselines():
+    params, mask_cfg = _params_and_cfg()
+    mag = masking.magnitude_masks(params, mask_cfg, TINY)
+    for path, m in masking.flatten(mag).items():
+        w = np.asarray(masking.get_path(params, path))
+        np.testing.assert_array_equal(np.asarray(m), sort_reference(w, masking.keep_fraction(path, mask_cfg)))
+    rand = masking.random_masks(jax.random.key(4), params, mask_cfg, TINY)
+    stats = masking.mask_stats(rand)
+    assert abs(float(stats["kept_attn"]) - 0.8) < 0.05 and abs(float(stats["kept_mlp"]) - 0.6) < 0.05
+
+
+def test_pack_unpack_one_bit_per_weight():
+    params, mask_cfg = _params_and_cfg()
+    masks = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
+    packed = masking.pack(masks)
+    for path, (bits, shape) in packed.items():
+        assert bits.dtype == np.uint8 and bits.size == -(-int(np.prod(shape)) // 8)
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(masking.unpack(packed))):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_sharded_topk_equals_unsharded_without_gathers():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    score = jnp.asarray(np.random.default_rng(5).integers(-5, 6, size=(64, 96)).astype(np.float32))
+    sharding = NamedSharding(mesh, P("fsdp", "data"))
+    fn = jax.jit(lambda s: masking.topk_mask(s, 0.7), in_shardings=sharding, out_shardings=sharding)
+    sharded = fn(jax.device_put(score, sharding))
+    np.testing.assert_array_equal(np.asarray(sharded), sort_reference(np.asarray(score), 0.7))
+    hlo = fn.lower(jax.ShapeDtypeStruct(score.shape, score.dtype, sharding=sharding)).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert "all-reduce" in hlo  # only scalar counts cross devices

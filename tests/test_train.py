@@ -1,0 +1,308 @@
+"""The sharded MFT step: equal results across meshes, shardings, no score all-gather, resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from mft_jax import config, convert, export, masking, model, sharding, train
+from run_fixtures import make_model_dir, make_run
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = make_model_dir(root / "model")
+    return root, model_dir
+
+
+def _batches(cfg, steps, micro, rows, length, seed=0):
+    """Synthetic [M, B, L] batches with padding and per-example loss weights; the same batch every step,
+    so that the loss must fall."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(1):
+        inputs = rng.integers(3, cfg.vocab_size, (micro, rows, length)).astype(np.int32)
+        lengths = rng.integers(length // 2, length + 1, (micro, rows))
+        idx = np.arange(length)
+        real = idx[None, None, :] < lengths[..., None]
+        weights = (real & (idx[None, None, :] >= 3) & (idx[None, None, :] < lengths[..., None] - 1)).astype(np.float32)
+        weights /= np.maximum(weights.sum(-1, keepdims=True), 1)
+        out.append({"inputs": np.where(real, inputs, 0), "targets": np.roll(inputs, -1, -1),
+                    "loss_weights": weights, "positions": np.broadcast_to(idx, inputs.shape).astype(np.int32),
+                    "segment_ids": real.astype(np.int32)})
+    return out * steps
+
+
+def _run_steps(tiny, mesh_shape, steps=5, param_dtype=None, devices=None, compute_dtype="float32"):
+    root, model_dir = tiny
+    # Adam's first steps move every score by about lr whatever its gradient's size, so reduction-order noise
+    # in near-zero gradients shows up in proportion to lr: a moderate lr keeps the comparison meaningful.
+    run = make_run(root, model_dir, mesh={"data": mesh_shape[0], "fsdp": mesh_shape[1], "tensor": mesh_shape[2]},
+                   optim={"lr": 0.01}, model={"path": str(model_dir), "compute_dtype": compute_dtype})
+    cfg = convert.load_config(model_dir)
+    devices = devices if devices is not None else jax.devices()
+    mesh = sharding.make_mesh(run.mesh, devices)
+    shardings = sharding.param_shardings(cfg, mesh, model.param_shapes(cfg, param_dtype))
+    _, params = convert.load_hf(model_dir, dtype=param_dtype, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=steps, micro_batches=2)
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        state = setup.init_state(params, jax.random.key(0))
+        step_fn = setup.jit_step(params)
+        losses = []
+        for batch in _batches(cfg, steps, 2, 8, 16):
+            state, metrics = step_fn(params, state, train.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return setup, params, state, losses, step_fn
+
+
+@pytest.fixture(scope="module")
+def single_device(tiny):
+    return _run_steps(tiny, (1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=[str(m) for m in MESHES])
+def test_meshes_match_single_device(tiny, single_device, mesh_shape):
+    _, _, ref_state, ref_losses, _ = single_device
+    setup, params, state, losses, _ = _run_steps(tiny, mesh_shape)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+    assert losses[-1] < losses[0]  # it learns
+    for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(ref_state["trainable"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    # Scores and both Adam moments carry exactly their weights' shardings.
+    mu, nu = state["opt_state"][0].mu, state["opt_state"][0].nu
+    for path, score in masking.flatten(state["trainable"]).items():
+        weight_sharding = masking.get_path(setup.param_shardings, path)
+        assert score.sharding.is_equivalent_to(weight_sharding, score.ndim), path
+        assert masking.get_path(mu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+        assert masking.get_path(nu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+        assert masking.get_path(state["masks"], path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+    if mesh_shape[1] > 1:  # fsdp really shards: each device holds a slice
+        score = masking.flatten(state["trainable"])[("layers_1", "mlp", "up_proj", "kernel")]
+        assert score.addressable_shards[0].data.shape[0] == score.shape[0] // mesh_shape[1]
+    for m in jax.tree.leaves(state["masks"]):
+        assert m.dtype == jnp.bool_
+
+
+def test_fsdp_step_never_gathers_a_score_matrix(tiny):
+    setup, params, state, _, step_fn = _run_steps(tiny, (2, 4, 1), steps=1, param_dtype=jnp.bfloat16,
+                                                  compute_dtype="bfloat16")
+    batch = train.global_batch(_batches(setup.cfg, 1, 2, 8, 16)[0], setup.mesh)
+    with sharding.axis_rules(), jax.set_mesh(setup.mesh):
+        hlo = step_fn.lower(params, state, batch).compile().as_text()
+    score_shapes = {"[" + ",".join(map(str, s.shape)) + "]" for s in jax.tree.leaves(state["trainable"])}
+    gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+    weight_gathers = 0
+    for line in gathers:
+        result_type = line.split("=", 1)[1].strip().split("{")[0]
+        if any(result_type.endswith(shape) for shape in score_shapes):
+            # FSDP gathers each (masked) weight for its matmul inside the model; nothing else of a score
+            # matrix's shape (scores, masks, Adam moments, score gradients) may be gathered.
+            op_name = line.split('op_name="', 1)[1].split('"', 1)[0]
+            assert "/Llama/" in op_name and op_name.endswith("dot_general"), line
+            weight_gathers += 1
+    assert weight_gathers > 0, "expected fsdp to gather weights for the matmuls"
+
+
+def test_fft_mode_trains_params(tiny):
+    root, model_dir = tiny
+    run = make_run(root, model_dir, train={"mode": "fft"})
+    cfg = convert.load_config(model_dir)
+    mesh = sharding.make_mesh(run.mesh)
+    shardings = sharding.param_shardings(cfg, mesh)
+    _, params = convert.load_hf(model_dir, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        state = setup.init_state(params, jax.random.key(0))
+        step_fn = setup.jit_step(params)
+        losses = []
+        for batch in _batches(cfg, 3, 2, 8, 16):
+            state, metrics = step_fn(params, state, train.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(params))]
+    assert all(changed)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny):
+    root, model_dir = tiny
+    cfg = convert.load_config(model_dir)
+    batch = _batches(cfg, 1, 4, 8, 16)[0]
+    results = []
+    for micro in (4, 1):
+        run = make_run(root, model_dir, optim={"lr": 1e-3})
+        mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
+        shardings = sharding.param_shardings(cfg, mesh)
+        _, params = convert.load_hf(model_dir, shardings=shardings)
+        setup = train.Setup(run, cfg, mesh, shardings, total_steps=1, micro_batches=micro)
+        with sharding.axis_rules(), jax.set_mesh(mesh):
+            state = setup.init_state(params, jax.random.key(0))
+            reshaped = {k: v.reshape(micro, -1, v.shape[-1]) for k, v in batch.items()}
+            state, metrics = setup.jit_step(params)(params, state, train.global_batch(reshaped, mesh))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state["trainable"]))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    assert abs(results[0][1] - results[1][1]) < 1e-6 * results[1][1]
+    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_nan_loss_leaves_state_untouched(tiny):
+    root, model_dir = tiny
+    run = make_run(root, model_dir, train={"max_steps": 3})
+    cfg = convert.load_config(model_dir)
+    mesh = sharding.make_mesh(run.mesh)
+    shardings = sharding.param_shardings(cfg, mesh)
+    _, params = convert.load_hf(model_dir, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    batch = _batches(cfg, 1, 2, 8, 16)[0]
+    batch["loss_weights"] = batch["loss_weights"] * np.float32("nan")  # makes the loss NaN
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        state = setup.init_state(params, jax.random.key(0))
+        before = jax.tree.map(np.asarray, state["trainable"])
+        state, metrics = setup.jit_step(params)(params, state, train.global_batch(batch, mesh))
+    assert not bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "mft_jax", *args], capture_output=True, text=True, **kw)
+
+
+def _write_config(run: config.RunConfig, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(run.to_dict()))
+    return path
+
+
+def test_kill_and_resume_exports_identical_masks(tiny, tmp_path):
+    root, model_dir = tiny
+    overrides = {"train": {"max_steps": 8}, "ckpt": {"save_every": 1, "keep": 3, "async_save": False}}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Uninterrupted.
+    straight = make_run(tmp_path / "a", model_dir, **overrides)
+    cfg_a = _write_config(straight, tmp_path / "a.yaml")
+    assert _cli("train", "--config", str(cfg_a), env=env).returncode == 0
+    # Interrupted by SIGTERM after a few steps, then restarted with the same command.
+    killed = make_run(tmp_path / "b", model_dir, **overrides)
+    cfg_b = _write_config(killed, tmp_path / "b.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "mft_jax", "train", "--config", str(cfg_b)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = Path(killed.run_dir) / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output
+    assert "stopped (SIGTERM)" in output, output
+    assert not (Path(killed.run_dir) / "DONE").exists()
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert stopped_at < 8
+    resumed = _cli("train", "--config", str(cfg_b), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert (Path(killed.run_dir) / "DONE").exists()
+    # Same losses step by step, same exported masks bit for bit.
+    def losses(run):
+        rows = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows}
+    la, lb = losses(straight), losses(killed)
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert abs(la[step] - lb[step]) < 1e-6, step
+    ea = export.export_run(straight.run_dir, tmp_path / "export_a")
+    eb = export.export_run(killed.run_dir, tmp_path / "export_b")
+    assert ea["step"] == eb["step"] == 8
+    ma, _ = export.load_masks(ea["masks"])
+    mb, _ = export.load_masks(eb["masks"])
+    for a, b in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_matches_masked_forward_and_transformers(tiny, tmp_path):
+    import torch
+
+    root, model_dir = tiny
+    run = make_run(tmp_path, model_dir, train={"max_steps": 3})
+    train.train(run, verbose=False)
+    result = export.export_run(run.run_dir, tmp_path / "export")
+    # The masks file reproduces the training masks exactly.
+    _, cfg, params, setup, state = export.restore_run(run.run_dir)
+    masks, meta = export.load_masks(result["masks"])
+    assert int(meta["step"]) == 3
+    for path, m in masking.flatten(state["masks"]).items():
+        np.testing.assert_array_equal(masking.get_path(masks, path), np.asarray(m))
+    # About one bit per masked weight.
+    n_masked = sum(m.size for m in jax.tree.leaves(masks))
+    size = Path(result["masks"]).stat().st_size
+    assert n_masked / 8 <= size < n_masked / 8 + 8192
+    # Exactly the configured number of zeros in each masked matrix; everything else bit-identical to the base.
+    dense_cfg, dense = convert.load_hf(result["hf"])
+    flat_masks = masking.flatten(masks)
+    for path, w in masking.flatten(params).items():
+        new = np.asarray(masking.get_path(dense, path))
+        if path in flat_masks:
+            keep = masking.keep_fraction(path, run.mask)
+            assert (new == 0).sum() - (np.asarray(w) == 0).sum() == int((1 - keep) * w.size), path
+            np.testing.assert_array_equal(new, np.where(flat_masks[path], np.asarray(w), 0))
+        else:
+            np.testing.assert_array_equal(new, np.asarray(w))
+    # transformers loads it and its logits equal our masked forward.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result["hf"]).eval()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(model.forward(cfg, masking.apply_masks(params, state["masks"]), tokens))
+    assert np.abs(ref - ours).max() < 1e-5
+    # apply-masks rebuilds the same model from the base and the masks file.
+    rebuilt = _cli("apply-masks", "--base", str(model_dir), "--masks", result["masks"], "--out", str(tmp_path / "re"))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    _, params_re = convert.load_hf(tmp_path / "re")
+    for a, b in zip(jax.tree.leaves(params_re), jax.tree.leaves(dense)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("baseline", ["random", "magnitude"])
+def test_baseline_exports(tiny, tmp_path, baseline):
+    root, model_dir = tiny
+    run = make_run(tmp_path, model_dir)
+    cfg_file = _write_config(run, tmp_path / "run.yaml")
+    out = _cli("export", str(cfg_file), "--baseline", baseline, "--out", str(tmp_path / baseline))
+    assert out.returncode == 0, out.stderr
+    masks, meta = export.load_masks(tmp_path / baseline / "masks.safetensors")
+    assert meta["baseline"] == baseline
+    assert len(masking.flatten(masks)) == 14  # layers 1, 2 x 7 projections
+    if baseline == "magnitude":
+        _, params = convert.load_hf(model_dir)
+        for path, m in masking.flatten(masks).items():
+            assert m.sum() == m.size - int((1 - masking.keep_fraction(path, run.mask)) * m.size)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mask.masked_layers=[2,9]", r"\[9\] out of range: the model has 4 decoder layers"),
+    ("mask.keep_attn=1.5", r"mask.keep_attn must be in \(0, 1\]"),
+    ("model.path=/nonexistent/model", "does not exist"),
+    ("train.bogus=1", "unknown config key 'train.bogus'"),
+])
+def test_cli_train_refuses_bad_configs_before_compiling(tiny, tmp_path, override, message):
+    root, model_dir = tiny
+    cfg_file = _write_config(make_run(tmp_path, model_dir), tmp_path / "run.yaml")
+    out = _cli("train", "--config", str(cfg_file), "--set", override)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    import re
+    assert re.search(message, out.stderr), out.stderr
