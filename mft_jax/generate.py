@@ -31,6 +31,7 @@ import numpy as np
 
 from mft_jax import model as model_lib
 from mft_jax.config import LlamaConfig
+from mft_jax.sharding import BATCH_AXES
 
 Params = dict[str, Any]
 
@@ -190,12 +191,17 @@ def _batch_shards(mesh, batch_axes) -> int:
 
 def _first_stop(tokens: list[int], stop_strings, tokenizer) -> int | None:
     """Length of the shortest prefix of `tokens` whose text contains a stop string, or None."""
-    if not any(s in tokenizer.decode(tokens) for s in stop_strings):
+    def stopped(k):
+        text = tokenizer.decode(tokens[:k])
+        return any(s in text for s in stop_strings)
+
+    if not stopped(len(tokens)):
         return None
-    for k in range(1, len(tokens) + 1):
-        if any(s in tokenizer.decode(tokens[:k]) for s in stop_strings):
-            return k
-    return len(tokens)
+    lo, hi = 1, len(tokens)  # a prefix's text grows with k, so bisect for the first k that holds a stop
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+    return lo
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -205,11 +211,43 @@ def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+def _left_pad(rows: list[list[int]], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (prompt_BxLp int32 left-padded with 0, prompt_lens_B int32); rows past len(rows) are empty."""
+    lp = bucket(max(len(r) for r in rows), _MIN_PROMPT_BUCKET)
+    prompt_BxLp = np.zeros((batch, lp), np.int32)
+    prompt_lens_B = np.zeros((batch,), np.int32)
+    for r, tokens in enumerate(rows):
+        prompt_BxLp[r, lp - len(tokens):] = tokens
+        prompt_lens_B[r] = len(tokens)
+    return prompt_BxLp, prompt_lens_B
+
+
+def _run_batch(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E, temperature, top_p, *,
+               max_new_tokens, stop_strings, tokenizer, stop_check_every, static) -> tuple[np.ndarray, int]:
+    """Prefill, then decode until done; returns (tokens_BxN, number of tokens made)."""
+    state = _prefill(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E, temperature, top_p,
+                     num_new=bucket(max_new_tokens), **static)
+    limit = max_new_tokens if not stop_strings else min(max_new_tokens, stop_check_every)
+    while True:
+        state = _decode(cfg, params, state, prompt_lens_B, keys_B, eos_E, temperature, top_p, np.int32(limit),
+                        **static)
+        step, done_B = int(state["step"]), np.array(state["done_B"])  # a writable copy
+        if stop_strings:  # rows whose text already holds a stop string are finished
+            tokens_BxN = np.asarray(state["tokens_BxN"])
+            for r in np.flatnonzero(~done_B):
+                text = tokenizer.decode(tokens_BxN[r, :step].tolist())
+                done_B[r] = any(s in text for s in stop_strings)
+            state["done_B"] = jax.device_put(done_B, state["done_B"].sharding)
+        if step >= max_new_tokens or done_B.all():
+            return np.asarray(state["tokens_BxN"]), step
+        limit = min(max_new_tokens, step + stop_check_every)
+
+
 def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int] | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              compute_dtype=jnp.float32, stop_strings: Sequence[str] | None = None, tokenizer=None,
              batch_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
-             batch_axes: tuple[str, ...] = ("data",), stop_check_every: int = 32,
+             batch_axes: Sequence[str] | None = None, stop_check_every: int = 32,
              recompute: bool = False) -> list[list[int]]:
     """Continues each prompt (a list of token ids) with up to `max_new_tokens` new tokens.
 
@@ -219,8 +257,8 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     eos_ids: None = cfg.eos_token_ids; () = never stop early.
     temperature: 0 = greedy; > 0 samples softmax(logits / temperature), restricted by `top_p` (nucleus).
     batch_size: prompts per device batch (None: all at once). Batches are padded to powers of two.
-    mesh / batch_axes: run with the batch split over those mesh axes; params may be placed on the same mesh
-    (replicated or sharded); XLA propagates their shardings.
+    mesh / batch_axes: split the batch over those mesh axes (default: the mesh's data axes, "data" and
+    "fsdp"); place params on the same mesh (e.g. `sharding.param_shardings`), XLA propagates the rest.
     """
     prompts = [list(map(int, p)) for p in prompts]
     _check_inputs(cfg, prompts, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
@@ -228,55 +266,33 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
         return []
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     eos_E = np.asarray(eos if eos else (-1,), np.int32)  # -1 never matches a token
-    greedy, use_top_p = temperature == 0.0, top_p < 1.0
-    shards = _batch_shards(mesh, batch_axes)
-    batch_size = batch_size or len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a bucket
+    if mesh is not None and batch_axes is None:
+        batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    shards = _batch_shards(mesh, batch_axes or ())
+    static = dict(greedy=temperature == 0.0, use_top_p=top_p < 1.0, compute_dtype=jnp.dtype(compute_dtype),
+                  recompute=recompute)
     base_key = jax.random.key(seed)
-    static = dict(greedy=greedy, use_top_p=use_top_p, compute_dtype=jnp.dtype(compute_dtype), recompute=recompute)
-    num_new = bucket(max_new_tokens)
-    results: list[list[int] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a bucket
+    batch_size = batch_size or len(prompts)
+    results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(prompts), batch_size):
         rows = order[start:start + batch_size]
-        b = bucket(len(rows))
-        b = -(-b // shards) * shards  # a whole number of rows per batch shard
-        lp = bucket(max(len(prompts[i]) for i in rows), _MIN_PROMPT_BUCKET)
-        prompt_BxLp = np.zeros((b, lp), np.int32)
-        prompt_lens_B = np.zeros((b,), np.int32)
-        for r, i in enumerate(rows):
-            prompt_BxLp[r, lp - len(prompts[i]):] = prompts[i]
-            prompt_lens_B[r] = len(prompts[i])
+        b = -(-bucket(len(rows)) // shards) * shards  # a power of two, a whole number of rows per shard
+        prompt_BxLp, prompt_lens_B = _left_pad([prompts[i] for i in rows], b)
         active_B = np.arange(b) < len(rows)
         ids_B = np.asarray(rows + [len(prompts)] * (b - len(rows)), np.uint32)
-        keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(ids_B)
+        keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(ids_B)  # per prompt, not per slot
         batch = [prompt_BxLp, prompt_lens_B, active_B, keys_B]
         if mesh is not None:
-            spec = jax.sharding.PartitionSpec(tuple(batch_axes))
-            batch = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in batch]
-        prompt_BxLp, prompt_lens_B, active_B, keys_B = batch
-        state = _prefill(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E, temperature, top_p,
-                         num_new=num_new, **static)
-        step_limit = max_new_tokens if not stop_strings else min(max_new_tokens, stop_check_every)
-        while True:
-            state = _decode(cfg, params, state, prompt_lens_B, keys_B, eos_E, temperature, top_p,
-                            np.int32(step_limit), **static)
-            step, done_B = int(state["step"]), np.array(state["done_B"])  # a writable copy
-            if stop_strings:  # rows whose text already holds a stop string are finished
-                tokens_BxN = np.asarray(state["tokens_BxN"])
-                for r in np.flatnonzero(~done_B):
-                    text = tokenizer.decode(tokens_BxN[r, :step].tolist())
-                    done_B[r] = any(s in text for s in stop_strings)
-                state["done_B"] = jax.device_put(done_B, state["done_B"].sharding)
-            if step >= max_new_tokens or done_B.all():
-                break
-            step_limit = min(max_new_tokens, step + stop_check_every)
-        tokens_BxN = np.asarray(state["tokens_BxN"])
+            rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(batch_axes)))
+            batch = [jax.device_put(x, rows_sharding) for x in batch]
+        tokens_BxN, step = _run_batch(cfg, params, *batch, eos_E, temperature, top_p,
+                                      max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                                      tokenizer=tokenizer, stop_check_every=stop_check_every, static=static)
         for r, i in enumerate(rows):
             out = _cut_at_eos(tokens_BxN[r, :step].tolist(), set(eos))
-            if stop_strings:
-                cut = _first_stop(out, stop_strings, tokenizer)
-                out = out if cut is None else out[:cut]
-            results[i] = out
+            cut = _first_stop(out, stop_strings, tokenizer) if stop_strings else None
+            results[i] = out if cut is None else out[:cut]
     return results
 
 

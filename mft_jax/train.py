@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -344,9 +344,14 @@ def _dev_loss(setup, eval_fn, params, state, loader_factory) -> float | None:
     return num / max(den, 1e-12)
 
 
-def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | None = None) -> dict:
+def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | None = None,
+          dev_metrics: Callable[[int, dict], dict] | None = None) -> dict:
     """Runs (or resumes) a training run; returns a summary. Writes RUN/{config.yaml, metrics.jsonl, tb/,
-    checkpoints/}. `max_steps_this_run` stops early after that many steps (tests), like a preemption."""
+    checkpoints/}. `max_steps_this_run` stops early after that many steps (tests), like a preemption.
+
+    Every `train.eval_every` steps (and at the end) the dev loss is computed (when `data.dev` is set) and
+    `dev_metrics(step, effective_params)`, if given, adds its own numbers (e.g. dev accuracy by generation)
+    to that step's record. Checkpoint selection on dev reads these records from metrics.jsonl."""
     import yaml
 
     from mft_jax import data as data_lib
@@ -386,6 +391,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
     with sharding.axis_rules(), jax.set_mesh(mesh):
         step_fn = setup.jit_step(params)
         eval_fn = setup.jit_eval(params) if dev_loader else None
+        effective_fn = jax.jit(setup.effective_params)
         if start is None:
             state = setup.init_state(params, jax.random.key(run.train.seed))
             start = 0
@@ -404,10 +410,18 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
         summary = {"run_dir": str(run_dir), "total_steps": steps, "start_step": start}
         pending = None  # metrics of the last dispatched step, fetched one step late (keeps the device busy)
         window = {"flips": 0, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
-        final_step, stopped = start, None
+        final_step, stopped, last_saved = start, None, start
 
-        def drain(pending, step_done):
-            metrics = jax.device_get(pending)
+        def evaluate(step_done) -> dict:
+            out = {}
+            if eval_fn is not None:
+                out["dev_loss"] = _dev_loss(setup, eval_fn, params, state, dev_loader)
+            if dev_metrics is not None:
+                out.update(dev_metrics(step_done, effective_fn(params, state)))
+            return out
+
+        def drain(metrics, step_done, extra):
+            metrics = jax.device_get(metrics)
             if not bool(metrics["finite"]):
                 raise NonFiniteLossError(
                     f"loss or gradient is not finite at step {step_done} (loss={float(metrics['loss'])}, "
@@ -416,7 +430,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
             window["flips"] += int(metrics.get("mask_flips", 0))
             window["tokens"] += int(metrics["tokens"])
             window["steps"] += 1
-            if step_done % run.train.log_every == 0 or step_done == steps:
+            if step_done % run.train.log_every == 0 or step_done == steps or extra:
                 elapsed = time.perf_counter() - window["t0"]
                 record = {"step": step_done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
                           "grad_norm": float(metrics["grad_norm"]),
@@ -424,39 +438,41 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
                 if "mask_flips" in metrics:
                     record["mask_flips"] = window["flips"]
                     record.update({k: float(metrics[k]) for k in ("kept", "kept_attn", "kept_mlp") if k in metrics})
-                if eval_fn is not None and run.train.eval_every and step_done % run.train.eval_every == 0:
-                    record["dev_loss"] = _dev_loss(setup, eval_fn, params, state, dev_loader)
+                record.update(extra)
                 log.write(record)
                 log.progress(window["steps"], {"loss": f"{record['loss']:.4f}",
                                                "tok/s": f"{record['tokens_per_s']:.0f}"})
                 summary["last"] = record
                 window.update(flips=0, tokens=0, t0=time.perf_counter(), steps=0)
-            return metrics
 
         try:
             with _StopSignal() as stop:
                 for step in range(start, steps):
                     batch = global_batch(to_micro_batches(next(loader), setup.micro_batches), mesh)
                     state, metrics = step_fn(params, state, batch)
+                    final_step = step + 1
+                    due = final_step == steps or (run.train.eval_every and final_step % run.train.eval_every == 0)
+                    extra = evaluate(final_step) if due else {}  # on the state right after this step
                     if pending is not None:
                         drain(*pending)
-                    pending = (metrics, step + 1)
-                    final_step = step + 1
+                    pending = (metrics, final_step, extra)
                     if stop.received or (max_steps_this_run and final_step - start >= max_steps_this_run):
                         stopped = stop.received or "max_steps_this_run"
                         break
-                    checkpointer.save(final_step, _saved(state), loader.get_state())
+                    if checkpointer.save(final_step, _saved(state), loader.get_state()):
+                        last_saved = final_step
                 if pending is not None:
                     drain(*pending)
-            checkpointer.save(final_step, _saved(state), loader.get_state(), force=True)
+            if last_saved != final_step:
+                checkpointer.save(final_step, _saved(state), loader.get_state(), force=True)
             checkpointer.wait()
         finally:
             checkpointer.close()
             log.close()
 
         summary.update(final_step=final_step, stopped=stopped)
-        if stopped is None and eval_fn is not None:
-            summary["dev_loss"] = _dev_loss(setup, eval_fn, params, state, dev_loader)
+        if stopped is None:  # the last step's record holds the final dev numbers
+            summary.update({k: v for k, v in summary.get("last", {}).items() if k.startswith("dev_")})
         if stopped and verbose:
             print(f"stopped ({stopped}) at step {final_step}/{steps}; checkpoint saved. Run the same command "
                   f"again to resume.")

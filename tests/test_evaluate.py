@@ -19,6 +19,14 @@ from mft_jax.data import load_tokenizer, tokenize_example, train_bpe_tokenizer
 from mft_jax.evaluate import gsm8k, humaneval, ifeval, sandbox
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nltk_data_in_tmp(tmp_path_factory):
+    """The offline Punkt model goes to a temporary nltk_data directory, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MFT_JAX_NLTK_DATA", str(tmp_path_factory.mktemp("nltk_data")))
+        yield
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hf_models import make_hf_llama
-from mft_jax import convert
+from mft_jax import convert, sharding
 from mft_jax import generate as gen
+from mft_jax.config import MeshConfig
 from mft_jax.data import train_bpe_tokenizer
 
 LENGTHS = (3, 9, 14, 21)  # different lengths in one batch (left padding); 21 > the llama3 variant's 32 // 2
@@ -160,13 +161,13 @@ def test_stop_strings_cut_tokens_and_text(text_model):
         assert full.startswith(short) and stop not in short
 
 
-def test_batch_sharded_over_mesh_matches(gqa):
+def test_batch_and_params_sharded_over_mesh_match(gqa):
     _, cfg, params = gqa
     prompts = _prompts(cfg, seed=5)
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
-    replicated = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))  # the trainer's mesh, 8 CPU devices
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     single = gen.generate(cfg, params, prompts, max_new_tokens=20, eos_ids=())
-    assert gen.generate(cfg, replicated, prompts, max_new_tokens=20, eos_ids=(), mesh=mesh) == single
+    assert gen.generate(cfg, sharded, prompts, max_new_tokens=20, eos_ids=(), mesh=mesh) == single
 
 
 def test_bad_inputs_are_named(gqa):

@@ -46,6 +46,8 @@ def _eval_model(args, tokenizer_needed: bool = True):
     if tokenizer_needed:
         from mft_jax.data import load_tokenizer
 
+        if not (args.tokenizer or tokenizer_dir):
+            sys.exit(f"--model {args.model!r} comes with no tokenizer files; pass --tokenizer DIR")
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
     return EvalModel(cfg, params, tokenizer, tokenizer_dir=args.tokenizer or tokenizer_dir,
                      compute_dtype=_compute_dtype(args.compute_dtype), batch_size=args.batch_size,

@@ -55,7 +55,7 @@ def ensure_punkt(data_dir: str | Path | None = None) -> Path:
         }
         model_dir.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():  # ortho_context.tab last: its presence marks a complete model
-            tmp = model_dir / f".{name}.tmp"
+            tmp = model_dir / f".{name}.{os.getpid()}.tmp"  # concurrent writers each rename a whole file
             tmp.write_text(text + "\n", encoding="utf-8")
             tmp.replace(model_dir / name)
     if str(root) not in nltk.data.path:

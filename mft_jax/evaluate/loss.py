@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mft_jax import losses
 from mft_jax import model as model_lib
 from mft_jax.config import DataConfig, LlamaConfig
 from mft_jax.evaluate.base import EvalModel, Task
@@ -26,13 +27,11 @@ def loss_sums(cfg: LlamaConfig, params, batch: dict, *, compute_dtype=jnp.float3
     """[4] float32: sum(w * nll), sum(w), sum(nll over w > 0), count(w > 0) for one batch of [B, L] arrays."""
     logits_BxLxV = model_lib.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
                                      compute_dtype=compute_dtype)
-    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_BxL = logz_BxL - target_logit_BxL
-    w_BxL = batch["loss_weights"]
-    supervised_BxL = (w_BxL > 0).astype(jnp.float32)
-    return jnp.stack([jnp.sum(w_BxL * nll_BxL), jnp.sum(w_BxL), jnp.sum(supervised_BxL * nll_BxL),
-                      jnp.sum(supervised_BxL)])
+    nll_BxL = losses.token_nll(logits_BxLxV, batch["targets"])
+    w_BxL = batch["loss_weights"].astype(jnp.float32)
+    supervised_BxL = w_BxL > 0
+    return jnp.stack([jnp.sum(jnp.where(supervised_BxL, w_BxL * nll_BxL, 0.0)), jnp.sum(w_BxL),
+                      jnp.sum(jnp.where(supervised_BxL, nll_BxL, 0.0)), jnp.sum(supervised_BxL, dtype=jnp.float32)])
 
 
 def _trim(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Runs untrusted Python (model-written code) in a child process with a timeout and resource limits.
 
-Each program gets its own `python -I -S` process (isolated, standard library only) in a fresh temporary directory, never the calling process:
+Each program gets its own `python -I -S` process (isolated, standard library only) in a fresh temporary
+directory, never the calling process:
 - limits set by the child on itself before any untrusted code runs (no `preexec_fn`, which is unsafe in a
   process with threads, as any JAX process is): address space, CPU seconds, file size, no core dumps;
 - a wall-clock timeout, after which the child's whole process group is killed;

@@ -1,0 +1,128 @@
+"""Times the MFT training step against its frozen floor, on random weights of a given shape (no download).
+
+frozen floor: the same forward and backward with weight gradients for the masked kernels, and no mask or
+optimizer work. MFT step: masks (carried), W * m, forward/backward, straight-through gradient, AdamW on
+the fp32 scores, exact top-k of the new scores, mask-flip and kept-fraction metrics.
+
+    python bench/step.py --preset tiny                          # CPU
+    python bench/step.py --preset llama2-7b --seq 4096 --layers 4 5 6 7   # GPU
+Prints one JSON line per variant (tokens/s, ms/step, peak memory) and the MFT / floor ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mft_jax import config, model, sharding, train
+
+PRESETS = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                        rope_theta=500000.0),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+}
+
+
+def _time(fn, *args, warmup=2, iters=5):
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def _peak_bytes(compiled) -> int | None:
+    try:
+        stats = compiled.memory_analysis()
+        return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+                   - stats.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (global)")
+    parser.add_argument("--micro", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 5, 6, 7])
+    parser.add_argument("--keep", type=float, default=0.9)
+    parser.add_argument("--dtype", default=None, help="weights and compute dtype (default: bf16 on accelerators, "
+                                                      "fp32 on CPU)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    cfg = config.LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.seq, 4096), dtype=dtype)
+    run = config.from_dict({
+        "model": {"path": "(random)", "compute_dtype": dtype, "attention": args.attention, "remat": args.remat},
+        "mask": {"masked_layers": args.layers, "keep_attn": args.keep, "keep_mlp": args.keep},
+        "train": {"batch_size": args.batch * args.micro, "micro_batch_size": args.batch},
+    }, verbose=False)
+    run.mask.check_against(cfg)
+    mesh = sharding.make_mesh(run.mesh)
+    shapes = model.param_shapes(cfg, dtype)
+    param_shardings = sharding.param_shardings(cfg, mesh, shapes)
+    params = jax.jit(lambda k: model.init_params(cfg, k, dtype), out_shardings=param_shardings)(jax.random.key(0))
+    setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1000, micro_batches=args.micro)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (args.micro, args.batch, args.seq + 1)).astype(np.int32)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+             "loss_weights": np.ones((args.micro, args.batch, args.seq), np.float32),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.micro, args.batch, args.seq)),
+             "segment_ids": np.ones((args.micro, args.batch, args.seq), np.int32)}
+    tokens_per_step = args.micro * args.batch * args.seq
+    results = {}
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        batch = train.global_batch(batch, mesh)
+        floor = jax.jit(setup.frozen_floor_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
+        floor_compiled = floor.lower(params, batch).compile()
+        seconds = _time(floor_compiled, params, batch, iters=args.iters)
+        results["frozen"] = (seconds, _peak_bytes(floor_compiled))
+
+        state = setup.init_state(params, jax.random.key(0))
+        step = setup.jit_step(params)
+        step_compiled = step.lower(params, state, batch).compile()
+
+        def run_step(params, batch):  # the state is donated, so thread it through
+            nonlocal state
+            state, metrics = step_compiled(params, state, batch)
+            return metrics["loss"]
+
+        seconds = _time(run_step, params, batch, iters=args.iters)
+        results["mft"] = (seconds, _peak_bytes(step_compiled))
+
+    n_params = model.count_params(cfg)
+    for name, (seconds, peak) in results.items():
+        print(json.dumps({"variant": name, "preset": args.preset, "backend": jax.default_backend(),
+                          "device": jax.devices()[0].device_kind, "seq": args.seq, "batch": args.batch,
+                          "micro": args.micro, "layers": args.layers, "dtype": dtype,
+                          "tokens_per_s": round(tokens_per_step / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
+                          "peak_memory_gb": None if peak is None else round(peak / 2**30, 3),
+                          "params": n_params}))
+    ratio = results["frozen"][0] / results["mft"][0]
+    print(json.dumps({"mft_over_floor_throughput": round(ratio, 4),
+                      "mft_overhead_pct": round((results["mft"][0] / results["frozen"][0] - 1) * 100, 2)}))
+
+
+if __name__ == "__main__":
+    main()
