@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs mft_jax and its dependencies into ./.venv (idempotent). --test adds the test-only
-# dependencies (torch CPU build, used to run transformers' Llama as the reference, and pytest).
+# dependencies (torch CPU build, used to run transformers' Llama as the reference; requirements-test.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,5 +13,5 @@ fi
 .venv/bin/python -m pip install -q --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
   # torch only for tests: the library never imports it. 2.13.0 is a CPU build on this machine's disk.
-  .venv/bin/python -m pip install -q "torch==2.13.0" "pytest>=8"
+  .venv/bin/python -m pip install -q "torch==2.13.0" -r requirements-test.txt
 fi

@@ -99,21 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     from mft_jax.data import add_data_commands
 
     add_data_commands(sub)
-    try:
-        from mft_jax.evaluate import add_eval_commands
-    except ImportError:  # evaluation not installed in this build
-        pass
-    else:
-        add_eval_commands(sub)
+    from mft_jax.evaluate import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 
 def main(argv=None):
+    from mft_jax import distributed
     from mft_jax.config import ConfigError
     from mft_jax.convert import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
+        distributed.initialize()  # joins the other processes of a multi-host run before any JAX device use
         args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"mft-jax {args.command}: error: {e}")

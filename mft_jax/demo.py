@@ -159,7 +159,7 @@ def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict
         "optim": {"warmup_ratio": 0.0},
         "train": {"seed": seed, "log_every": 50},
         "ckpt": {"keep": 1000, "async_save": False},
-        "mesh": {"data": 1},
+        "mesh": {"data": -1},
     }
 
     # 2. FFT from random init; FFT-best on dev, exported.
@@ -220,19 +220,20 @@ def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict
 
 
 def _masked_zero_fraction(base_params, params, mask_cfg: dict, cfg) -> dict:
-    """For each masked matrix: (new zeros, expected int((1 - keep) * n)); asserts nothing changed elsewhere."""
+    """Zeros the arm added in the masked matrices, against int((1 - keep) * n) per matrix (local top-k)."""
     from mft_jax import masking
 
     mc = config_lib.MaskConfig(masked_layers=mask_cfg["masked_layers"], keep_attn=mask_cfg["keep"],
                                keep_mlp=mask_cfg["keep"])
-    paths = set(masking.masked_paths(cfg, mc))
-    new_zeros = expected = 0
-    for path, w in masking.flatten(base_params).items():
-        w, w_new = np.asarray(w), np.asarray(masking.get_path(params, path))
-        if path in paths:
-            new_zeros += int((w_new == 0).sum() - (w == 0).sum())
-            expected += int((1 - mask_cfg["keep"]) * w.size)
-    return {"new_zeros": new_zeros, "expected_local_topk": expected}
+    new_zeros = expected = exact = 0
+    paths = masking.masked_paths(cfg, mc)
+    for path in paths:
+        w = np.asarray(masking.get_path(base_params, path))
+        added = int((np.asarray(masking.get_path(params, path)) == 0).sum() - (w == 0).sum())
+        target = int((1 - mask_cfg["keep"]) * w.size)
+        new_zeros, expected, exact = new_zeros + added, expected + target, exact + (added == target)
+    return {"new_zeros": new_zeros, "expected_local_topk": expected, "matrices_exact": exact,
+            "matrices": len(paths)}
 
 
 # --------------------------------------------------------------------------------------------------------
