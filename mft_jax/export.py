@@ -124,7 +124,7 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
         shapes.pop("masks", None)
         shardings = setup.state_shardings(params)
         shardings.pop("masks", None)
-        state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(shapes, shardings))
+        state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(shapes, shardings), data=False)
     finally:
         checkpointer.close()
     with jax.set_mesh(mesh):
@@ -138,9 +138,10 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
 
     baseline: None (the run's learned masks), "random" (Bernoulli keep) or "magnitude" (smallest |W| dropped),
     at the run's layers and keep ratios; for a baseline, RUN_DIR may also be a run config YAML file.
+    On several processes every process calls it (the arrays may span them); process 0 writes the files.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
     if baseline is not None:
         run = (config_lib.load(run_dir, verbose=False) if Path(run_dir).is_file() else load_run_config(run_dir))
         cfg, params = convert.load_any(run.model.path)
@@ -161,14 +162,35 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
         effective = setup.effective_params(params, state)
     meta["base_model"] = str(Path(run.model.path).absolute())
     result = {"hf": str(out / "hf"), **meta}
+    masks, effective = _to_host(masks), _to_host(effective)
     if masks is not None:
-        save_masks(out / "masks.safetensors", masks, run.mask, meta)
         result["masks"] = str(out / "masks.safetensors")
         result.update({k: float(v) for k, v in masking.mask_stats(masks).items()})
-    convert.save_hf(cfg, effective, out / "hf", dtype=cfg.dtype,
-                    tokenizer_dir=run.data.tokenizer or _tokenizer_dir(run.model.path))
-    (out / "export.json").write_text(json.dumps(result, indent=2))
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if masks is not None:
+            save_masks(out / "masks.safetensors", masks, run.mask, meta)
+        convert.save_hf(cfg, effective, out / "hf", dtype=cfg.dtype,
+                        tokenizer_dir=run.data.tokenizer or _tokenizer_dir(run.model.path))
+        (out / "export.json").write_text(json.dumps(result, indent=2))
+    if jax.process_count() > 1:  # no process returns before the files exist
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mft_jax.export_run")
     return result
+
+
+def _to_host(tree):
+    """Arrays this process cannot read whole (sharded across processes) gathered into numpy; the others are
+    left as they are (the writers fetch them one at a time). Every process must call it with the same tree."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return None if tree is None else jax.tree.map(one, tree)
 
 
 def load_model(spec: str) -> tuple[LlamaConfig, dict, str | None]:

@@ -304,14 +304,18 @@ class MetricsLog:
 
 
 class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step.
 
-    def __init__(self):
+    Not on several processes: one process stopping alone would leave the others waiting in a collective, so
+    there SIGTERM is left to JAX's preemption notifier, which agrees on a step for all of them."""
+
+    def __init__(self, enabled: bool = True):
         self.received = None
+        self.enabled = enabled
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.enabled else ():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -446,7 +450,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
                 window.update(flips=0, tokens=0, t0=time.perf_counter(), steps=0)
 
         try:
-            with _StopSignal() as stop:
+            with _StopSignal(enabled=jax.process_count() == 1) as stop:
                 for step in range(start, steps):
                     batch = global_batch(to_micro_batches(next(loader), setup.micro_batches), mesh)
                     state, metrics = step_fn(params, state, batch)
@@ -456,6 +460,8 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
                     if pending is not None:
                         drain(*pending)
                     pending = (metrics, final_step, extra)
+                    if checkpointer.reached_preemption(final_step):  # several processes: SIGTERM, agreed step
+                        stop.received = "SIGTERM"
                     if stop.received or (max_steps_this_run and final_step - start >= max_steps_this_run):
                         stopped = stop.received or "max_steps_this_run"
                         break

@@ -1,0 +1,244 @@
+"""Several processes: 2 processes x 4 CPU devices train, checkpoint, resume and export like 1 process x 8 devices;
+a checkpoint saved on one mesh restores onto another; the MFT_JAX_* process settings are checked."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from mft_jax import checkpoint, config, convert, data, distributed, export, masking, model, sharding, train
+from run_fixtures import make_model_dir, make_run
+
+STEPS, SPLIT = 6, 3  # steps of each run; the resumed runs stop after SPLIT and resume from that checkpoint
+
+# One training process: runs steps [0, split) from config FIRST, resumes from its checkpoint for the rest with
+# config REST (same run directory; another mesh is allowed), then exports through the CLI (process 0 writes).
+CHILD = textwrap.dedent("""
+    import sys
+    from mft_jax import cli, distributed
+    distributed.initialize()
+    import jax
+    from mft_jax import config, train
+    first, rest, split, out, processes = sys.argv[1:]
+    assert (jax.process_count(), jax.device_count()) == (int(processes), 8), jax.devices()
+    if int(split):
+        summary = train.train(config.load(first, verbose=False), max_steps_this_run=int(split))
+        assert summary["stopped"] == "max_steps_this_run", summary
+    run = config.load(rest, verbose=False)
+    summary = train.train(run)
+    assert summary["start_step"] == int(split) and summary["stopped"] is None, summary
+    cli.main(["export", run.run_dir, "--out", out])
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _mesh(data, fsdp, tensor):
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _child_env(local_devices: int, process_id: int | None = None, port: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MFT_JAX_")}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    # LLVM's optimizations are most of the compile time of these small programs; every run compared here uses
+    # the same flags, so their numbers stay comparable.
+    flags += [f"--xla_force_host_platform_device_count={local_devices}", "--xla_backend_optimization_level=0"]
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               PYTHONUNBUFFERED="1")
+    if process_id is not None:
+        env.update(MFT_JAX_COORDINATOR=f"localhost:{port}", MFT_JAX_NUM_PROCESSES="2",
+                   MFT_JAX_PROCESS_ID=str(process_id))
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs of the same MFT config, started together (they overlap on the CPUs):
+      single:  1 process x 8 devices, mesh (1, 4, 2), straight through;
+      multi:   2 processes x 4 devices, mesh (1, 4, 2) (fsdp spans both processes, so each holds a part of
+               every score matrix), stopped after SPLIT steps and resumed;
+      moved:   1 process x 8 devices, mesh (2, 4, 1) for SPLIT steps, resumed on mesh (8, 1, 1).
+    Returns {name: (run config, export directory)}."""
+    root = tmp_path_factory.mktemp("multihost")
+    model_dir = make_model_dir(root / "model")
+    # Adam moves every score by about lr at first, so a moderate lr keeps reduction-order noise small.
+    common = {"optim": {"lr": 0.01}, "train": {"max_steps": STEPS}}
+    base = make_run(root, model_dir, **common)
+    for split in ("train", "dev"):  # built once here, not by every process at once
+        data.build_dataset(base.data, model_dir, split)
+    configs = {}
+    for name, mesh in [("single", _mesh(1, 4, 2)), ("multi", _mesh(1, 4, 2)), ("moved", _mesh(2, 4, 1)),
+                       ("moved_rest", _mesh(8, 1, 1))]:
+        raw = {**base.to_dict(), "run_dir": str(root / name.split("_")[0] / "run"), "mesh": mesh}
+        configs[name] = root / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(raw))
+    script = root / "child.py"
+    script.write_text(CHILD)
+    port = _free_port()
+
+    def start(name, args, env):
+        log = open(root / f"{name}.log", "w")
+        return name, log, subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=log,
+                                           stderr=subprocess.STDOUT)
+
+    exports = {name: root / name / "export" for name in ("single", "multi", "moved")}
+    procs = [start("single", [configs["single"], configs["single"], 0, exports["single"], 1], _child_env(8)),
+             start("moved", [configs["moved"], configs["moved_rest"], SPLIT, exports["moved"], 1], _child_env(8))]
+    procs += [start(f"multi_{i}", [configs["multi"], configs["multi"], SPLIT, exports["multi"], 2],
+                    _child_env(4, process_id=i, port=port)) for i in range(2)]
+    deadline = time.time() + 300
+    try:
+        for _, _, proc in procs:  # one deadline for all: a process whose peer died waits for it
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for _, log, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    failed = [name for name, _, proc in procs if proc.returncode != 0]
+    assert not failed, "\n\n".join(f"== {name} (exit {proc.returncode}):\n" + (root / f"{name}.log").read_text()[-5000:]
+                                   for name, _, proc in procs if name in failed)
+    return {name: (config.load(configs[name], verbose=False), exports[name]) for name in exports}
+
+
+def _metrics(run: config.RunConfig) -> list[dict]:
+    return [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_training(run, ref_run, export_dir, ref_export_dir):
+    """Per-step losses and the final dev loss within 1e-5; exported masks identical."""
+    rows, ref_rows = _metrics(run), _metrics(ref_run)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], atol=1e-5, rtol=0)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert abs(rows[-1]["dev_loss"] - ref_rows[-1]["dev_loss"]) < 1e-5
+    result = json.loads((export_dir / "export.json").read_text())
+    ref_result = json.loads((ref_export_dir / "export.json").read_text())
+    assert result["step"] == ref_result["step"] == STEPS
+    masks, _ = export.load_masks(result["masks"])
+    ref_masks, _ = export.load_masks(ref_result["masks"])
+    assert masking.flatten(masks).keys() == masking.flatten(ref_masks).keys()
+    for path, m in masking.flatten(ref_masks).items():
+        np.testing.assert_array_equal(masking.get_path(masks, path), m, err_msg=str(path))
+
+
+def _restore(run: config.RunConfig, step: int, mesh_shape: tuple):
+    """The checkpointed state at `step`, restored onto a mesh of this process's 8 devices (no compiling)."""
+    mesh = sharding.make_mesh(config.MeshConfig(*mesh_shape))
+    cfg = convert.load_config(run.model.path)
+    shapes = model.param_shapes(cfg, run.model.dtype)
+    setup = train.Setup(run, cfg, mesh, sharding.param_shardings(cfg, mesh, shapes), total_steps=STEPS,
+                        micro_batches=1)
+    state_shapes, shardings = setup.state_shapes(shapes), setup.state_shardings(shapes)
+    state_shapes.pop("masks"), shardings.pop("masks")
+    checkpointer = checkpoint.Checkpointer(Path(run.run_dir) / "checkpoints")
+    try:
+        return checkpointer.restore(step, checkpoint.abstract_like(state_shapes, shardings), data=False)[0]
+    finally:
+        checkpointer.close()
+
+
+def test_two_processes_match_one(runs):
+    (run, export_dir), (ref_run, ref_export_dir) = runs["multi"], runs["single"]
+    # metrics.jsonl is written by process 0 alone (every step once), the losses as with one process.
+    _assert_same_training(run, ref_run, export_dir, ref_export_dir)
+    # Each process saved its own data position (and the resume read it back: else the losses would differ).
+    data_dir = Path(run.run_dir) / "checkpoints" / str(SPLIT) / "data"
+    positions = [json.loads((data_dir / f"process_{i}.json").read_text()) for i in range(2)]
+    assert [p["settings"]["process_index"] for p in positions] == [0, 1]
+    assert [p["settings"]["batch_size"] for p in positions] == [run.train.batch_size // 2] * 2
+    # The state the two processes saved (scores sharded across them) restores in one process, equal to the
+    # single process's.
+    state, ref_state = _restore(run, STEPS, (8, 1, 1)), _restore(ref_run, STEPS, (8, 1, 1))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_checkpoint_restores_onto_another_mesh(runs):
+    (run, export_dir), (ref_run, ref_export_dir) = runs["moved"], runs["single"]
+    # Saved on (2, 4, 1) (fsdp-sharded scores and Adam moments), restored onto (8, 1, 1): the same values bit for
+    # bit, laid out on the new mesh.
+    saved, moved = _restore(run, SPLIT, (2, 4, 1)), _restore(run, SPLIT, (8, 1, 1))
+    score = masking.flatten(saved["trainable"])[("layers_1", "mlp", "up_proj", "kernel")]
+    assert score.addressable_shards[0].data.shape[0] == score.shape[0] // 4
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    # Training continued on (8, 1, 1) exactly as the run that never changed mesh.
+    _assert_same_training(run, ref_run, export_dir, ref_export_dir)
+    state, ref_state = _restore(run, STEPS, (8, 1, 1)), _restore(ref_run, STEPS, (8, 1, 1))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The process settings (no processes started)
+# --------------------------------------------------------------------------------------------------------
+
+EXPLICIT = {"MFT_JAX_COORDINATOR": "10.0.0.1:8476", "MFT_JAX_NUM_PROCESSES": "4", "MFT_JAX_PROCESS_ID": "3"}
+
+
+def test_explicit_settings():
+    assert distributed.explicit_settings({}) is None
+    assert distributed.explicit_settings({**EXPLICIT, "MFT_JAX_LOCAL_DEVICE_IDS": "0,1"}) == {
+        "coordinator_address": "10.0.0.1:8476", "num_processes": 4, "process_id": 3, "local_device_ids": [0, 1]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"MFT_JAX_PROCESS_ID": None}, r"MFT_JAX_COORDINATOR, MFT_JAX_NUM_PROCESSES set but MFT_JAX_PROCESS_ID not"),
+    ({"MFT_JAX_COORDINATOR": None, "MFT_JAX_NUM_PROCESSES": None}, r"but MFT_JAX_COORDINATOR, MFT_JAX_NUM_PROC"),
+    ({"MFT_JAX_PROCESS_ID": "4"}, r"MFT_JAX_PROCESS_ID=4 is not in \[0, MFT_JAX_NUM_PROCESSES=4\)"),
+    ({"MFT_JAX_NUM_PROCESSES": "two"}, r"MFT_JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"MFT_JAX_COORDINATOR": "10.0.0.1"}, r"MFT_JAX_COORDINATOR='10.0.0.1' is not host:port"),
+    ({"MFT_JAX_LOCAL_DEVICE_IDS": "0;1"}, r"MFT_JAX_LOCAL_DEVICE_IDS='0;1' is not a comma-separated list"),
+])
+def test_half_given_settings_are_refused(change, message):
+    environ = {k: v for k, v in {**EXPLICIT, **change}.items() if v is not None}
+    with pytest.raises(config.ConfigError, match=message):
+        distributed.initialize(environ)
+
+
+@pytest.mark.parametrize("environ, detected", [
+    ({}, False),
+    ({"MFT_JAX_AUTO_DISTRIBUTED": "1"}, True),
+    ({"MFT_JAX_AUTO_DISTRIBUTED": "0", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, False),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "1"}, True),
+    ({"SLURM_NTASKS": "4"}, False),  # an salloc shell running one python
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1k-0,t1k-1"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+])
+def test_cluster_detection(environ, detected):
+    assert (distributed.detected_cluster(environ) is not None) == detected
+
+
+def test_one_process_does_nothing():
+    assert distributed.initialize({}) is False
+    assert distributed.initialize({"MFT_JAX_COORDINATOR": "localhost:1234", "MFT_JAX_NUM_PROCESSES": "1",
+                                   "MFT_JAX_PROCESS_ID": "0"}) is False
+    assert not jax.distributed.is_initialized()
+
+
+def test_cli_names_a_half_given_setting(tmp_path):
+    env = {**os.environ, "MFT_JAX_COORDINATOR": "localhost:1234"}
+    out = subprocess.run([sys.executable, "-m", "mft_jax", "train", "--config", str(tmp_path / "none.yaml")],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "MFT_JAX_NUM_PROCESSES, MFT_JAX_PROCESS_ID not" in out.stderr, out.stderr
