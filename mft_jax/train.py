@@ -263,8 +263,8 @@ def global_batch(batch: dict, mesh, micro_batched=True) -> dict:
 class MetricsLog:
     """metrics.jsonl, TensorBoard and a progress bar; only process 0 writes."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool = True):
-        self.enabled = enabled and jax.process_index() == 0
+    def __init__(self, run_dir: Path, total: int, start: int, progress_bar: bool = True):
+        self.enabled = jax.process_index() == 0
         self.file = self.tb = self.bar = None
         if not self.enabled:
             return
@@ -275,9 +275,11 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:  # TensorBoard logging is optional
             self.tb = None
-        from tqdm import tqdm
+        if progress_bar:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=1.0)
 
     def write(self, record: dict):
         if not self.enabled:
@@ -297,7 +299,8 @@ class MetricsLog:
 
     def close(self):
         if self.enabled:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
@@ -410,7 +413,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
             if verbose:
                 print(f"resumed from {checkpointer.directory}/{start}")
 
-        log = MetricsLog(run_dir, steps, start, enabled=verbose)
+        log = MetricsLog(run_dir, steps, start, progress_bar=verbose)
         summary = {"run_dir": str(run_dir), "total_steps": steps, "start_step": start}
         pending = None  # metrics of the last dispatched step, fetched one step late (keeps the device busy)
         window = {"flips": 0, "tokens": 0, "t0": time.perf_counter(), "steps": 0}
