@@ -2,12 +2,14 @@
 
 How a run finds its processes, first match wins:
   explicit   MFT_JAX_COORDINATOR=host:port, MFT_JAX_NUM_PROCESSES=N, MFT_JAX_PROCESS_ID=i (all three, the same
-             coordinator and N on every process, i = 0..N-1), optionally MFT_JAX_LOCAL_DEVICE_IDS=0,1,...
+             coordinator and N on every process, i = 0..N-1); each process uses all its local devices, or those
+             listed in MFT_JAX_LOCAL_DEVICE_IDS=0,1,...
   automatic  JAX detects the cluster itself: a TPU pod slice (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES with
              more than one host, or MEGASCALE_NUM_SLICES > 1), a SLURM step with more than one task, Open MPI
              with more than one rank, or anywhere when MFT_JAX_AUTO_DISTRIBUTED=1 (e.g. a Cloud TPU VM pod,
-             whose hosts are known from the metadata server rather than the environment).
-             MFT_JAX_AUTO_DISTRIBUTED=0 turns the detection off.
+             whose hosts are known from the metadata server rather than the environment). Under SLURM and Open
+             MPI, JAX then gives each process one GPU (one task per GPU); with one process per host, use the
+             explicit variables. MFT_JAX_AUTO_DISTRIBUTED=0 turns the detection off.
   otherwise  one process: nothing to do.
 """
 
@@ -110,6 +112,10 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
         settings = {}
     elif settings["num_processes"] == 1:
         return False
+    else:
+        # Given explicitly, the settings are complete: JAX's own detection would otherwise fill in the unset
+        # local devices, and under SLURM or Open MPI that means one GPU per process even with one process per host.
+        settings["cluster_detection_method"] = "deactivate"
     # CPU processes exchange collectives through gloo over TCP; without it (the default of older JAX) a
     # computation spanning processes fails. It only concerns the CPU backend; an explicit choice (mpi) is kept.
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
