@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import config, model, sharding, train
+from mft_jax import config, masking, model, sharding, train
 
 PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
@@ -32,6 +32,39 @@ PRESETS = {
     "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
 }
+
+
+# Dense bf16 peak of one chip, in TFLOP/s, by device kind (spec sheets; SXM parts where both exist).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                    "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    for name, peak in PEAK_BF16_TFLOPS.items():  # longest names first where one contains another
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def necessary_flops(cfg: config.LlamaConfig, layers: list[int], batch: int, seq: int) -> float:
+    """FLOPs an MFT step cannot avoid, per micro-batch of `batch` sequences of `seq` tokens.
+
+    Forward: every matmul (2 FLOPs per multiply-add) and causal attention (QK^T and PV over the L(L+1)/2
+    visible pairs). Backward: activation gradients from the output down to the first masked layer (1x the
+    forward of those matmuls, 2x for attention), and weight gradients of the masked kernels only (1x their
+    forward). Recomputation (remat, flash attention's backward) is not counted: it is a cost, not a need.
+    """
+    d, f, h, kv, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                       cfg.num_key_value_heads, cfg.head_dim)
+    tokens = batch * seq
+    layer_matmul = 2 * tokens * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f)
+    layer_attn = 2 * 2 * batch * h * dh * seq * (seq + 1) / 2
+    head = 2 * tokens * d * cfg.vocab_size
+    first = min(layers)
+    backward_layers = cfg.num_hidden_layers - first
+    forward = cfg.num_hidden_layers * (layer_matmul + layer_attn) + head
+    backward = backward_layers * (layer_matmul + 2 * layer_attn) + head + len(layers) * layer_matmul
+    return forward + backward
 
 
 def _time(fn, *args, iters=5):
@@ -67,8 +100,15 @@ def main():
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     parser.add_argument("--iters", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the best of each is kept")
+    parser.add_argument("--variants", default="frozen,mft", help="comma-separated: frozen (the floor), mft")
+    parser.add_argument("--topk-width", type=int, default=None, help="thresholds per pass of the mask search "
+                                                                    "(default: masking.default_search_width())")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of one chip, if the device "
+                                                                       "kind is not in PEAK_BF16_TFLOPS")
     args = parser.parse_args()
 
+    if args.topk_width is not None:  # every mask search of the step uses this width
+        masking.default_search_width = lambda: args.topk_width
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     cfg = config.LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.seq, 4096), dtype=dtype)
     run = config.from_dict({
@@ -90,38 +130,59 @@ def main():
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.micro, args.batch, args.seq)),
              "segment_ids": np.ones((args.micro, args.batch, args.seq), np.int32)}
     tokens_per_step = args.micro * args.batch * args.seq
-    results = {}
+    variants = args.variants.split(",")
+    if not variants or set(variants) - {"frozen", "mft"}:
+        parser.error(f"--variants {args.variants!r}: give frozen, mft or frozen,mft")
+    fns, peaks = {}, {}
     with sharding.axis_rules(), jax.set_mesh(mesh):
         batch = train.global_batch(batch, mesh)
-        floor = jax.jit(setup.frozen_floor_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
-        floor_compiled = floor.lower(params, batch).compile()
-        state = setup.init_state(params, jax.random.key(0))
-        step_compiled = setup.jit_step(params).lower(params, state, batch).compile()
+        if "frozen" in variants:
+            floor = jax.jit(setup.frozen_floor_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
+            fns["frozen"] = floor.lower(params, batch).compile()
+            peaks["frozen"] = _peak_bytes(fns["frozen"])
+        if "mft" in variants:
+            state = setup.init_state(params, jax.random.key(0))
+            step_compiled = setup.jit_step(params).lower(params, state, batch).compile()
+            peaks["mft"] = _peak_bytes(step_compiled)
 
-        def run_step(params, batch):  # the state is donated, so thread it through
-            nonlocal state
-            state, metrics = step_compiled(params, state, batch)
-            return metrics["loss"]
+            def run_step(params, batch):  # the state is donated, so thread it through
+                nonlocal state
+                state, metrics = step_compiled(params, state, batch)
+                return metrics["loss"]
+            fns["mft"] = run_step
 
-        # Alternate the two in rounds and keep each one's best round, so that load from other processes
-        # (a shared CPU) hits both alike rather than whichever ran second.
-        times = {"frozen": [], "mft": []}
-        for fn in (floor_compiled, run_step):
+        # Alternate the variants in rounds and keep each one's best round, so that load from other processes
+        # (a shared CPU) hits all alike rather than whichever ran last.
+        times = {name: [] for name in fns}
+        for fn in fns.values():
             jax.block_until_ready(fn(params, batch))  # warm-up
         for _ in range(args.rounds):
-            times["frozen"].append(_time(floor_compiled, params, batch, iters=args.iters))
-            times["mft"].append(_time(run_step, params, batch, iters=args.iters))
-        results["frozen"] = (min(times["frozen"]), _peak_bytes(floor_compiled))
-        results["mft"] = (min(times["mft"]), _peak_bytes(step_compiled))
+            for name, fn in fns.items():
+                times[name].append(_time(fn, params, batch, iters=args.iters))
+    results = {name: (min(times[name]), peaks[name]) for name in fns}
+    try:  # what the allocator really held at its peak, for the whole process (GPU and TPU report it)
+        device_peak = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
+    except Exception:
+        device_peak = None
 
     n_params = model.count_params(cfg)
+    flops = necessary_flops(cfg, args.layers, args.batch, args.seq) * args.micro
+    device_kind = jax.devices()[0].device_kind
+    peak_chip = args.peak_tflops or peak_tflops(device_kind)
     for name, (seconds, peak) in results.items():
-        print(json.dumps({"variant": name, "preset": args.preset, "backend": jax.default_backend(),
-                          "device": jax.devices()[0].device_kind, "seq": args.seq, "batch": args.batch,
-                          "micro": args.micro, "layers": args.layers, "dtype": dtype,
-                          "tokens_per_s": round(tokens_per_step / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
-                          "peak_memory_gb": None if peak is None else round(peak / 2**30, 3),
-                          "params": n_params}))
+        share = None if peak_chip is None else flops / seconds / (peak_chip * 1e12 * len(jax.devices()))
+        print(json.dumps({
+            "variant": name, "preset": args.preset, "backend": jax.default_backend(), "device": device_kind,
+            "devices": len(jax.devices()), "seq": args.seq, "batch": args.batch, "micro": args.micro,
+            "layers": args.layers, "dtype": dtype, "remat": args.remat, "attention": args.attention,
+            "topk_width": masking.default_search_width(), "params": n_params,
+            "tokens_per_s": round(tokens_per_step / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
+            "tflops_per_s": round(flops / seconds / 1e12, 2), "peak_bf16_tflops": peak_chip,
+            "necessary_flops_share_of_peak": None if share is None else round(share, 4),
+            "peak_memory_gb": None if peak is None else round(peak / 2**30, 3),
+            "process_peak_gb": None if device_peak is None else round(device_peak, 2)}))
+    if len(results) < 2:
+        return
     ratio = results["frozen"][0] / results["mft"][0]
     print(json.dumps({"mft_over_floor_throughput": round(ratio, 4),
                       "mft_overhead_pct": round((results["mft"][0] / results["frozen"][0] - 1) * 100, 2)}))

@@ -5,6 +5,11 @@
 set -euo pipefail
 
 PROG=gpu.sh
+# The helpers shared with launch/tpu_pod.sh: log, fail, usage_error, quote, join, run (prints each command;
+# with --dry-run runs none), on_signal (sets STOPPING), need_value, script_dir, jax_requirement.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 # XLA GPU flags for training: overlap the FSDP all-gathers / reduce-scatters with compute.
 GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
 
@@ -39,59 +44,6 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------------------
-# Printing and running commands
-# ---------------------------------------------------------------------------------------------------------
-
-exec 3>&1  # run() prints to the script's stdout, also from inside $(...)
-DRY_RUN=0
-CHILD=""
-STOPPING=0
-
-log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
-fail() { log "error: $1"; exit "${2:-1}"; }
-usage_error() { printf '%s: error: %s\nRun "bash launch/%s --help" for the options.\n' "$PROG" "$1" "$PROG" >&2; exit 2; }
-
-# quote WORD: sets REPLY to WORD as one shell word, in single quotes only when it needs them
-# (--flag='value' for an option whose value needs them).
-quote() {
-  local q="'" word=$1 flag=""
-  if [[ $word =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then REPLY=$word; return; fi
-  if [[ $word =~ ^--[A-Za-z0-9-]+= ]]; then flag=${BASH_REMATCH[0]}; word=${word#"$flag"}; fi
-  REPLY="$flag$q${word//$q/$q\\$q$q}$q"
-}
-
-# join WORD...: sets REPLY to the words as one shell command line.
-join() {
-  local out="" w
-  for w in "$@"; do quote "$w"; out+="${out:+ }$REPLY"; done
-  REPLY=$out
-}
-
-# run CMD...: prints the command; unless --dry-run, runs it (in the background, so that a signal to this
-# script is handled at once: on_signal passes it on to the command) and returns its exit status.
-run() {
-  local rc=0
-  join "$@"
-  printf '+ %s\n' "$REPLY" >&3
-  if ((DRY_RUN)); then return 0; fi
-  "$@" <&0 &
-  CHILD=$!
-  wait "$CHILD" || rc=$?
-  while kill -0 "$CHILD" 2>/dev/null; do  # a trapped signal interrupted wait: wait for the command itself
-    rc=0
-    wait "$CHILD" || rc=$?
-  done
-  CHILD=""
-  return "$rc"
-}
-
-on_signal() {
-  STOPPING=1
-  log "interrupted: stopping the run (it saves a checkpoint)"
-  if [[ -n $CHILD ]]; then kill -TERM "$CHILD" 2>/dev/null || true; fi
-}
-
-# ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
 
@@ -107,7 +59,6 @@ INSTALL_ONLY=0
 VENV=""
 SETS=()
 
-need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || usage_error "$1 needs a value"; }
 need_flags() { [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value"; }  # a value that starts with --
 
 parse_args() {
@@ -149,25 +100,6 @@ check_args() {
   if [[ -n $RUN_DIR ]]; then SETS+=("run_dir=$RUN_DIR"); fi
 }
 
-script_dir() {  # the checkout's root, this script's directory's parent
-  local dir=${BASH_SOURCE[0]%/*}
-  [[ $dir != "${BASH_SOURCE[0]}" ]] || dir=.
-  (cd "$dir/.." && pwd -P)
-}
-
-# The version range of jax in requirements.txt (e.g. ">=0.10,<0.12"), so that jax[cudaNN] keeps the same jax.
-jax_requirement() {
-  local line
-  while IFS= read -r line || [[ -n $line ]]; do
-    line=${line%%#*}
-    line=${line//[[:space:]]/}
-    if [[ $line =~ ^jax([<>=!~].*)$ ]]; then
-      printf '%s' "${BASH_REMATCH[1]}"
-      return 0
-    fi
-  done <"$ROOT/requirements.txt"
-}
-
 # ---------------------------------------------------------------------------------------------------------
 
 install() {
@@ -198,7 +130,7 @@ main() {
   ROOT=$(script_dir)
   parse_args "$@"
   check_args
-  trap on_signal INT TERM
+  trap 'on_signal "interrupted: stopping the run (it saves a checkpoint)"' INT TERM
   if ((INSTALL)); then install; fi
   if ((INSTALL_ONLY)); then return 0; fi
   [[ -x $VENV/bin/mft-jax ]] || ((DRY_RUN)) || fail "$VENV/bin/mft-jax not found: run without --no-install first, or give --venv"

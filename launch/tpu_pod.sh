@@ -6,6 +6,12 @@
 set -euo pipefail
 
 PROG=tpu_pod.sh
+# The helpers shared with launch/gpu.sh: log, fail, usage_error, quote, join, run (prints each command; with
+# --dry-run runs none), on_signal (sets STOPPING), need_value, script_dir, jax_requirement. They run on this
+# machine only: the commands sent to the workers need nothing from common.sh.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 PYTHON_VERSION=3.11   # what the workers' venv is built with (the project needs >= 3.11; TPU images ship 3.10)
 MOUNT_ROOT=/gcs       # gs://BUCKET is mounted at /gcs/BUCKET on every worker
 
@@ -57,59 +63,6 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------------------
-# Printing and running commands
-# ---------------------------------------------------------------------------------------------------------
-
-exec 3>&1  # run() prints to the script's stdout, also from inside $(...)
-DRY_RUN=0
-CHILD=""
-STOPPING=0
-
-log() { printf '[%s] %s\n' "$PROG" "$*" >&2; }
-fail() { log "error: $1"; exit "${2:-1}"; }
-usage_error() { printf '%s: error: %s\nRun "bash launch/%s --help" for the options.\n' "$PROG" "$1" "$PROG" >&2; exit 2; }
-
-# quote WORD: sets REPLY to WORD as one shell word, in single quotes only when it needs them
-# (--flag='value' for an option whose value needs them).
-quote() {
-  local q="'" word=$1 flag=""
-  if [[ $word =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then REPLY=$word; return; fi
-  if [[ $word =~ ^--[A-Za-z0-9-]+= ]]; then flag=${BASH_REMATCH[0]}; word=${word#"$flag"}; fi
-  REPLY="$flag$q${word//$q/$q\\$q$q}$q"
-}
-
-# join WORD...: sets REPLY to the words as one shell command line.
-join() {
-  local out="" w
-  for w in "$@"; do quote "$w"; out+="${out:+ }$REPLY"; done
-  REPLY=$out
-}
-
-# run CMD...: prints the command; unless --dry-run, runs it (in the background, so that a signal to this
-# script is handled at once: on_signal passes it on to the command) and returns its exit status.
-run() {
-  join "$@"
-  printf '+ %s\n' "$REPLY" >&3
-  if ((DRY_RUN)); then return 0; fi
-  local rc=0
-  "$@" <&0 &
-  CHILD=$!
-  wait "$CHILD" || rc=$?
-  while kill -0 "$CHILD" 2>/dev/null; do  # a trapped signal interrupted wait: wait for the command itself
-    rc=0
-    wait "$CHILD" || rc=$?
-  done
-  CHILD=""
-  return "$rc"
-}
-
-on_signal() {
-  STOPPING=1
-  log "interrupted: stopping"
-  if [[ -n $CHILD ]]; then kill -TERM "$CHILD" 2>/dev/null || true; fi
-}
-
-# ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
 
@@ -132,7 +85,6 @@ SETS=()
 ENVS=()
 BUCKETS=()
 
-need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || usage_error "$1 needs a value"; }
 need_int() { [[ $2 =~ ^[0-9]+$ ]] || usage_error "$1 must be a whole number, got '$2'"; }
 
 set_provisioning() {
@@ -179,13 +131,6 @@ default_version() {
     v4-*) echo tpu-ubuntu2204-base ;;
     *) return 1 ;;
   esac
-}
-
-# The checkout's root, this script's directory's parent.
-script_dir() {
-  local dir=${BASH_SOURCE[0]%/*}
-  [[ $dir != "${BASH_SOURCE[0]}" ]] || dir=.
-  (cd "$dir/.." && pwd -P)
 }
 
 # The config's path relative to ROOT (it travels with the code), or an error.
@@ -369,19 +314,6 @@ install_workers() {
   on_workers all "cd $dir && { [ -x .venv/bin/python ] || { { python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv; } && \$HOME/.local/bin/uv venv -q --seed --python $PYTHON_VERSION .venv; }; } && bash launch/install.sh && .venv/bin/python -m pip install -q $spec"
 }
 
-# The version range of jax in requirements.txt (e.g. ">=0.10,<0.12"), so that jax[tpu] keeps the same jax.
-jax_requirement() {
-  local line
-  while IFS= read -r line || [[ -n $line ]]; do
-    line=${line%%#*}
-    line=${line//[[:space:]]/}
-    if [[ $line =~ ^jax([<>=!~].*)$ ]]; then
-      printf '%s' "${BASH_REMATCH[1]}"
-      return 0
-    fi
-  done <"$ROOT/requirements.txt"
-}
-
 setup_workers() {
   put_code
   mount_buckets
@@ -450,7 +382,7 @@ main() {
   check_args
   scope
   trap on_exit EXIT
-  trap on_signal INT TERM
+  trap 'on_signal "interrupted: stopping"' INT TERM
   local attempt=0 rc state
   while :; do
     attempt=$((attempt + 1))

@@ -198,6 +198,7 @@ def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict
     # 4. Test (and dev, for the baselines) on each arm's chosen checkpoint.
     results = {"seed": seed, "arms": {}}
     mask_check = {}
+    best_params = None  # FFT-best, loaded once for the masked arms' sparsity check (only read on the host)
     for arm, (hf_dir, step, dev) in chosen.items():
         arm_cfg_model, params = convert.load_hf(hf_dir)
         eval_model = EvalModel(arm_cfg_model, params, tokenizer, str(tok_dir), compute_dtype="float32",
@@ -210,8 +211,9 @@ def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict
         results["arms"][arm] = {"test_accuracy": accuracy(eval_model, test_rows, max_new), "test_loss": loss,
                                 "dev_accuracy": dev, "step": step}
         if arm != "fft_best" and arm != "continued_fft":  # masked arms: check the exact sparsity
-            _, base_params = convert.load_hf(best_dir)
-            mask_check[arm] = _masked_zero_fraction(base_params, params, mask_cfg, cfg)
+            if best_params is None:
+                _, best_params = convert.load_hf(best_dir)
+            mask_check[arm] = _masked_zero_fraction(best_params, params, mask_cfg, cfg)
     results["masked_zeros"] = mask_check
     results["curves"] = curves
     results["seconds"] = time.perf_counter() - started

@@ -120,11 +120,7 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
     setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1, micro_batches=1)
     checkpointer = ckpt_lib.Checkpointer(Path(run_dir) / "checkpoints")
     try:
-        shapes = setup.state_shapes(params)
-        shapes.pop("masks", None)
-        shardings = setup.state_shardings(params)
-        shardings.pop("masks", None)
-        state, _ = checkpointer.restore(step, ckpt_lib.abstract_like(shapes, shardings), data=False)
+        state, _ = checkpointer.restore(step, setup.checkpoint_target(params), data=False)
     finally:
         checkpointer.close()
     with jax.set_mesh(mesh):

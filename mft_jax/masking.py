@@ -5,10 +5,11 @@ n - int((1 - keep) * n) weights, those with the largest |score|; ties at the cut
 (among equal |score|, higher flat indices are kept), which is what a stable ascending sort that drops its
 first int((1 - keep) * n) entries does. Global mode keeps score >= threshold (signed).
 
-The k-th largest |score| is found by bisection over the float bits (non-negative float32 values order
-like their int32 bit patterns): 31 counting passes, plus a bisection over the flat index only when ties
-straddle the cut; all masked matrices are searched together (`topk_mask_group`). Each pass is an elementwise compare and a sum, so on a sharded matrix only scalars
-cross devices; no sort, no all-gather.
+The k-th largest |score| is found by a search over the float bits (non-negative float32 values order
+like their int32 bit patterns): bisection on CPU (31 counting passes), a 4-ary search on accelerators (16
+passes, 3 thresholds counted per read), plus a search over the flat index only when ties straddle the
+cut; all masked matrices are searched together (`topk_mask_group`). Each pass is an elementwise compare and
+a sum, so on a sharded matrix only a few counts cross devices; no sort, no all-gather.
 
 Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked kernels, e.g.
 {"layers_4": {"self_attn": {"q_proj": {"kernel": f32[D, H*Dh]}}}}. Kernels are [in, out] as in the model.
@@ -17,7 +18,6 @@ Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -135,75 +135,105 @@ def _flat_index(shape) -> jax.Array:
     return index
 
 
-def _bisect(num_iters: int, lo, hi, enough_fn):
-    """Vector bisection: per entry, the largest x in [lo, hi) with enough_fn(x) true (true at lo, false at hi)."""
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = enough_fn(mid)
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-    return jax.lax.fori_loop(0, num_iters, step, (lo, hi))[0]
+def default_search_width() -> int:
+    """Thresholds counted per pass over the scores: 1 (bisection) on CPU, where each compare costs about as much
+    as reading the element, 3 on accelerators, where a pass is bound by memory and 3 compares per element are
+    free: 16 passes instead of 31 (measure others with `bench/topk.py`)."""
+    return 1 if jax.default_backend() == "cpu" else 3
 
 
-def topk_mask_group(scores: list[jax.Array], keeps: list[float]) -> list[jax.Array]:
+def _num_passes(span: int, width: int) -> int:
+    """Passes of `_search` that narrow a bracket of `span` integers to one."""
+    passes = 0
+    while span > 1:
+        span = -(-span // (width + 1))
+        passes += 1
+    return passes
+
+
+def _search(passes: int, width: int, lo, hi, c_lo, c_hi, target, count_fn):
+    """(width + 1)-ary search, vectorised over entries: the largest x in [lo, hi) with count(x) >= target,
+    for a count that does not increase with x, given c_lo = count(lo) >= target > count(hi) = c_hi.
+
+    Each pass counts at `width` evenly spaced points inside every bracket (one read of the data, whatever the
+    width) and keeps the sub-bracket where the count crosses the target, with the counts at its ends.
+    Returns (x, count(x), count(x + 1)).
+    """
+    j = jnp.arange(1, width + 1, dtype=jnp.int32)
+
+    def one_pass(_, carry):
+        lo, hi, c_lo, c_hi = carry
+        step = (hi - lo + width) // (width + 1)  # ceil((hi - lo) / (width + 1)) >= 1
+        points = jnp.minimum(lo[:, None] + step[:, None] * j, hi[:, None])  # [M, W], increasing
+        counts = count_fn(points)  # [M, W], non-increasing along W
+        above = jnp.sum(counts >= target[:, None], axis=1)  # the first `above` points have enough
+        last = jnp.maximum(above - 1, 0)[:, None]
+        first = jnp.minimum(above, width - 1)[:, None]
+        pick = lambda a, i: jnp.take_along_axis(a, i, axis=1)[:, 0]  # noqa: E731
+        lo, c_lo = jnp.where(above > 0, pick(points, last), lo), jnp.where(above > 0, pick(counts, last), c_lo)
+        hi, c_hi = (jnp.where(above < width, pick(points, first), hi),
+                    jnp.where(above < width, pick(counts, first), c_hi))
+        return lo, hi, c_lo, c_hi
+
+    lo, _, c_lo, c_hi = jax.lax.fori_loop(0, passes, one_pass, (lo, hi, c_lo, c_hi))
+    return lo, c_lo, c_hi
+
+
+def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | None = None) -> list[jax.Array]:
     """Exact local top-k masks of several matrices at once.
 
-    Matrices of the same shape are stacked, and one bisection runs for all of them together: each pass is
-    one compare-and-count per distinct shape (4 for a Llama layer's 7 projections, however many layers are
-    masked) and one all-reduce of a small vector of counts, and XLA compiles one loop, not one per matrix.
+    One search runs for all matrices together: each pass is one compare-and-count fusion per matrix (reading
+    it once) and one all-reduce of a small vector of counts, inside one compiled loop. The counts at the
+    ends of the final bracket give the number of ties at the cut for free; only when ties straddle the cut
+    does a second search over the flat index run. `width`: thresholds per pass (`default_search_width`).
     """
+    width = default_search_width() if width is None else width
     ks = [num_kept(s.size, keep) for s, keep in zip(scores, keeps)]
     for s in scores:
-        if s.size >= 2**31:
+        if s.size >= 2**31 - 64:
             raise ValueError(f"a masked matrix of {s.size} elements exceeds the int32 index range")
     masks: list = [jnp.ones(s.shape, bool) for s in scores]
-    groups: dict[tuple, list[int]] = {}
-    for i, (s, k) in enumerate(zip(scores, ks)):
-        if k < s.size:  # keep == 1.0 masks nothing
-            groups.setdefault(tuple(s.shape), []).append(i)
-    if not groups:
+    todo = [i for i, (s, k) in enumerate(zip(scores, ks)) if k < s.size]  # keep == 1.0 masks nothing
+    if not todo:
         return masks
-    order = [i for members in groups.values() for i in members]  # matrix order of the count vectors
-    bits = [jnp.stack([jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32)
-                       for i in members]) for members in groups.values()]  # [G, ...] per shape
-    index = [_flat_index(shape) for shape in groups]
-    bounds = np.cumsum([0] + [len(members) for members in groups.values()])
+    bits = [jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32) for i in todo]
+    index = {b.shape: _flat_index(b.shape) for b in bits}
 
-    def per_group(vector, g):  # this group's slice of a per-matrix vector, broadcastable against bits[g]
-        return vector[bounds[g]:bounds[g + 1]].reshape((-1,) + (1,) * (bits[g].ndim - 1))
+    def counts(predicate):  # predicate(row, bits, points [W]) -> bool [..., W]; gives counts [M, W]
+        def count_fn(points):
+            return jnp.stack([jnp.sum(predicate(r, b, points[r]), axis=tuple(range(b.ndim)), dtype=jnp.int32)
+                              for r, b in enumerate(bits)])
+        return count_fn
 
-    def counts(predicate) -> jax.Array:  # [T] counts of predicate(bits, group) per matrix
-        return jnp.concatenate([jnp.sum(predicate(b, g), axis=tuple(range(1, b.ndim)), dtype=jnp.int32)
-                                for g, b in enumerate(bits)])
-
-    k = jnp.asarray([ks[i] for i in order], jnp.int32)
-    zeros = jnp.zeros(len(order), jnp.int32)
-    # v: the largest bit pattern with count(bits >= v) >= k, i.e. the k-th largest |score| of each matrix.
-    v = _bisect(31, zeros, jnp.full(len(order), _INF_BITS + 1, jnp.int32),
-                lambda mid: counts(lambda b, g: b >= per_group(mid, g)) >= k)
-    need = k - counts(lambda b, g: b > per_group(v, g))  # entries equal to v that are kept (>= 1)
-    ties = counts(lambda b, g: b == per_group(v, g)) > need
+    k = jnp.asarray([ks[i] for i in todo], jnp.int32)
+    n = jnp.asarray([scores[i].size for i in todo], jnp.int32)
+    zeros = jnp.zeros(len(todo), jnp.int32)
+    # v: the largest bit pattern with count(bits >= v) >= k, i.e. the k-th largest |score| of each matrix
+    # (count(bits >= 0) = n; nothing reaches the pattern above +inf).
+    v, c_v, c_above = _search(_num_passes(_INF_BITS + 1, width), width, zeros,
+                              jnp.full(len(todo), _INF_BITS + 1, jnp.int32), n, zeros, k,
+                              counts(lambda r, b, pts: b[..., None] >= pts))
+    need = k - c_above  # entries equal to v that are kept (>= 1)
+    ties = c_v - c_above  # entries equal to v
     # Where more entries equal v than are kept, keep those with the highest flat index: p is the largest
     # index with count(b == v and index >= p) >= need. Skipped when no matrix has such a tie.
-    n = jnp.asarray([scores[i].size for i in order], jnp.int32)
-    iters = max(1, math.ceil(math.log2(max(scores[i].size for i in order) + 1)))
+    passes = _num_passes(max(scores[i].size for i in todo) + 1, width)
 
     def tie_cut():
-        return _bisect(iters, zeros, n, lambda mid: counts(
-            lambda b, g: (b == per_group(v, g)) & (index[g] >= per_group(mid, g))) >= need)
+        return _search(passes, width, zeros, n, ties, zeros, need, counts(
+            lambda r, b, pts: (b == v[r])[..., None] & (index[b.shape][..., None] >= pts)))[0]
 
-    p = jnp.where(ties, jax.lax.cond(jnp.any(ties), tie_cut, lambda: zeros), 0)
-    for g, members in enumerate(groups.values()):
-        group_mask = (bits[g] > per_group(v, g)) | ((bits[g] == per_group(v, g)) & (index[g] >= per_group(p, g)))
-        for j, i in enumerate(members):
-            masks[i] = group_mask[j]
+    straddle = ties > need
+    p = jnp.where(straddle, jax.lax.cond(jnp.any(straddle), tie_cut, lambda: zeros), 0)
+    for r, (i, b) in enumerate(zip(todo, bits)):
+        masks[i] = (b > v[r]) | ((b == v[r]) & (index[b.shape] >= p[r]))
     return masks
 
 
-@functools.partial(jax.jit, static_argnames="keep")
-def topk_mask(score: jax.Array, keep: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("keep", "width"))
+def topk_mask(score: jax.Array, keep: float, width: int | None = None) -> jax.Array:
     """bool mask keeping exactly num_kept(n, keep) entries of largest |score|; ties kept by higher index."""
-    return topk_mask_group([score], [keep])[0]
+    return topk_mask_group([score], [keep], width)[0]
 
 
 def topk_masks(scores, mask_cfg: MaskConfig) -> dict:

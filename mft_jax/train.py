@@ -78,6 +78,7 @@ class Setup:
         self.paths = masking.masked_paths(self.cfg, self.mask_cfg) if self.mode == "mft" else []
         self.optimizer, self.schedule = build_optimizer(self.run.optim, self.total_steps)
         self.compute_dtype = jnp.dtype(self.run.model.compute_dtype)
+        self._state_cache = {}  # see _state_abstract
 
     def forward(self, params, batch):
         attention = self.run.model.attention
@@ -92,17 +93,41 @@ class Setup:
             return self.param_shardings
         return masking.subtree(self.param_shardings, self.paths)
 
+    def _state_abstract(self, params_shapes):
+        """(state shapes, state shardings), computed once per params structure, shapes and dtypes: the
+        `jax.eval_shape` of the whole state init is not free, and jit_step, jit_eval and init_state all ask.
+        `params_shapes` may be concrete arrays or ShapeDtypeStructs (their shardings do not enter: the state's
+        shardings come from `param_shardings`)."""
+        leaves, treedef = jax.tree.flatten(params_shapes)
+        key = (treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), bool(getattr(x, "weak_type", False)))
+                              for x in leaves))
+        cached = self._state_cache.get(key)
+        if cached is None:
+            abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d, weak_type=w) for s, d, w in key[1]])
+            shapes = jax.eval_shape(lambda p: self._init_state(p, jax.random.key(0)), abstract)
+            trainable = self.trainable_shardings()
+            shardings = {"step": sharding.replicated(self.mesh), "trainable": trainable,
+                         "opt_state": sharding.opt_state_shardings(self.optimizer, shapes["opt_state"], trainable,
+                                                                   self.mesh)}
+            if "masks" in shapes:
+                shardings["masks"] = trainable
+            cached = self._state_cache[key] = (shapes, shardings)
+        return cached
+
     def state_shapes(self, params_shapes):
-        return jax.eval_shape(lambda p: self._init_state(p, jax.random.key(0)), params_shapes)
+        """The state's ShapeDtypeStructs (a fresh top-level dict: callers may pop from it)."""
+        return dict(self._state_abstract(params_shapes)[0])
 
     def state_shardings(self, params_shapes):
-        shapes = self.state_shapes(params_shapes)
-        trainable = self.trainable_shardings()
-        out = {"step": sharding.replicated(self.mesh), "trainable": trainable,
-               "opt_state": sharding.opt_state_shardings(self.optimizer, shapes["opt_state"], trainable, self.mesh)}
-        if "masks" in shapes:
-            out["masks"] = trainable
-        return out
+        """The state's shardings (a fresh top-level dict: callers may pop from it)."""
+        return dict(self._state_abstract(params_shapes)[1])
+
+    def checkpoint_target(self, params_shapes):
+        """The abstract state a checkpoint restores onto: ShapeDtypeStructs carrying this Setup's shardings,
+        without the masks (derived from the scores, never saved; `with_masks` adds them back)."""
+        shapes, shardings = self._state_abstract(params_shapes)
+        return ckpt_lib.abstract_like({k: v for k, v in shapes.items() if k != "masks"},
+                                      {k: v for k, v in shardings.items() if k != "masks"})
 
     # State ---------------------------------------------------------------------------------------------------
     def _init_state(self, params, key):
@@ -403,11 +428,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
             state = setup.init_state(params, jax.random.key(run.train.seed))
             start = 0
         else:
-            shapes = setup.state_shapes(params)
-            shapes.pop("masks", None)
-            target = ckpt_lib.abstract_like(shapes, {k: v for k, v in setup.state_shardings(params).items()
-                                                     if k != "masks"})
-            state, data_state = checkpointer.restore(start, target)
+            state, data_state = checkpointer.restore(start, setup.checkpoint_target(params))
             state = setup.with_masks(state)
             loader.set_state(data_state)
             if verbose:

@@ -4,6 +4,7 @@ resume logic runs against stand-in gcloud / srun / scontrol / mft-jax programs. 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -423,6 +424,26 @@ def test_help(script, env):
     assert result.returncode == 0 and result.stdout.startswith("Usage:") and "--dry-run" in result.stdout
 
 
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh"])
+@pytest.mark.parametrize("how", ["absolute", "relative", "from launch/"])
+def test_found_from_any_directory(script, how, env, tmp_path):
+    """gpu.sh and tpu_pod.sh source launch/common.sh next to them, wherever they are run from."""
+    config = ["--config", str(ROOT / CONFIG)]
+    args = ["--dry-run", *[a for a in BASE_ARGS[script] if a not in ("--config", CONFIG)], *config]
+    expected = commands(launch(script, *args, env=env))
+    cwd, path = {"absolute": (tmp_path, str(LAUNCH / script)),
+                 "relative": (tmp_path, os.path.relpath(LAUNCH / script, tmp_path)),
+                 "from launch/": (LAUNCH, script)}[how]
+    result = subprocess.run(["bash", path, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+    cmds = commands(result)
+
+    def same_pid(cmds):  # tpu_pod.sh's code tarball is named after its process id
+        return [[re.sub(r"-[0-9]+\.tgz$", "-PID.tgz", w) for w in c] for c in cmds]
+
+    assert same_pid(cmds) == same_pid(expected) and len(cmds) > 3
+    assert_nothing_invoked(tmp_path)
+
+
 def test_tpu_pod_bad_values(env):
     def error(*args):
         result = launch("tpu_pod.sh", "--dry-run", *args, env=env)
@@ -453,7 +474,7 @@ def _shellcheck() -> str | None:
         (str(p) for p in [Path(sys.executable).parent / "shellcheck"] if p.exists()), None)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "common.sh"])
 def test_shellcheck(script):
     shellcheck = _shellcheck()
     if shellcheck is None:
@@ -461,6 +482,7 @@ def test_shellcheck(script):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(LAUNCH / script)],
+    # -x: follows `source` into launch/common.sh (gpu.sh and tpu_pod.sh name it with a source= directive)
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", "-x", str(LAUNCH / script)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

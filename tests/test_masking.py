@@ -34,10 +34,31 @@ def _inputs():
 @pytest.mark.parametrize("keep", [0.9, 0.37, 0.01, 1.0])
 @pytest.mark.parametrize("name, score", list(_inputs()), ids=[n for n, _ in _inputs()])
 def test_topk_is_exact_and_matches_sort(name, score, keep):
-    mask = np.asarray(jax.jit(masking.topk_mask, static_argnums=1)(jnp.asarray(score), keep))
     n = score.size
-    assert mask.sum() == n - int((1 - keep) * n)
-    np.testing.assert_array_equal(mask, sort_reference(score, keep))
+    for width in (1, 3, 6):  # bisection (CPU default), the accelerator default, and an even width
+        mask = np.asarray(masking.topk_mask(jnp.asarray(score), keep, width))
+        assert mask.sum() == n - int((1 - keep) * n), width
+        np.testing.assert_array_equal(mask, sort_reference(score, keep))
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_topk_group_mixed_shapes_keeps_and_ties(width):
+    """Several matrices searched together, some with ties straddling the cut and some without, one unmasked."""
+    rng = np.random.default_rng(3)
+    scores = [rng.normal(size=(40, 24)), rng.integers(-2, 3, size=(40, 24)), rng.normal(size=(24, 56)),
+              np.full((24, 56), -1.5), rng.normal(size=(7, 9))]
+    keeps = [0.9, 0.5, 0.75, 0.3, 1.0]
+    masks = jax.jit(lambda ss: masking.topk_mask_group(ss, keeps, width))([jnp.asarray(s, jnp.float32)
+                                                                           for s in scores])
+    for s, keep, m in zip(scores, keeps, masks):
+        np.testing.assert_array_equal(np.asarray(m), sort_reference(s.astype(np.float32), keep))
+
+
+def test_search_pass_counts():
+    # 31 bisection passes over the float bits of |score|; 16 with 3 thresholds per pass.
+    assert masking._num_passes(masking._INF_BITS + 1, 1) == 31
+    assert masking._num_passes(masking._INF_BITS + 1, 3) == 16
+    assert masking._num_passes(1, 3) == 0 and masking._num_passes(2, 1) == 1
 
 
 def test_published_counts():

@@ -142,11 +142,9 @@ def _restore(run: config.RunConfig, step: int, mesh_shape: tuple):
     shapes = model.param_shapes(cfg, run.model.dtype)
     setup = train.Setup(run, cfg, mesh, sharding.param_shardings(cfg, mesh, shapes), total_steps=STEPS,
                         micro_batches=1)
-    state_shapes, shardings = setup.state_shapes(shapes), setup.state_shardings(shapes)
-    state_shapes.pop("masks"), shardings.pop("masks")
     checkpointer = checkpoint.Checkpointer(Path(run.run_dir) / "checkpoints")
     try:
-        return checkpointer.restore(step, checkpoint.abstract_like(state_shapes, shardings), data=False)[0]
+        return checkpointer.restore(step, setup.checkpoint_target(shapes), data=False)[0]
     finally:
         checkpointer.close()
 

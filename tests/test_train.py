@@ -177,6 +177,50 @@ def test_nan_loss_leaves_state_untouched(tiny):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.parametrize("mode", ["mft", "fft"])
+def test_state_shardings_cached_and_checkpoint_target(tiny, monkeypatch, mode):
+    root, model_dir = tiny
+    run = make_run(root, model_dir, train={"mode": mode}, mesh={"data": 2, "fsdp": 4, "tensor": 1})
+    cfg = convert.load_config(model_dir)
+    mesh = sharding.make_mesh(run.mesh)
+    shapes = model.param_shapes(cfg)
+    shardings = sharding.param_shardings(cfg, mesh, shapes)
+    _, params = convert.load_hf(model_dir, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    # The uncached reference: the whole state init traced once more.
+    ref_shapes = jax.eval_shape(lambda p: setup._init_state(p, jax.random.key(0)), params)
+    calls = []
+    eval_shape = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(1) or eval_shape(*a, **k))
+    # Concrete arrays and ShapeDtypeStructs of the same shapes share one trace; popping from a result (as
+    # callers do) leaves the cache intact.
+    first = setup.state_shardings(params)
+    first.pop("masks", None)
+    setup.state_shapes(shapes).pop("masks", None)
+    again = setup.state_shardings(shapes)
+    assert len(calls) == 1
+    assert ("masks" in again) == (mode == "mft") == ("masks" in setup.state_shapes(params))
+    assert jax.tree.structure(setup.state_shapes(params)) == jax.tree.structure(ref_shapes)
+    for a, b in zip(jax.tree.leaves(setup.state_shapes(params)), jax.tree.leaves(ref_shapes)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    # Another dtype is another state (fp32 master copy either way, but traced afresh).
+    setup.state_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), shapes))
+    assert len(calls) == 2
+    # The restore target: the state less the masks, each leaf a ShapeDtypeStruct with the state's sharding.
+    target = setup.checkpoint_target(params)
+    assert len(calls) == 2
+    expected = {k: v for k, v in ref_shapes.items() if k != "masks"}
+    assert set(target) == {"step", "trainable", "opt_state"}
+    assert jax.tree.structure(target) == jax.tree.structure(expected)
+    target_shardings = {k: v for k, v in again.items() if k != "masks"}
+    for t, e, s in zip(jax.tree.leaves(target), jax.tree.leaves(expected), jax.tree.leaves(target_shardings)):
+        assert isinstance(t, jax.ShapeDtypeStruct)
+        assert (t.shape, t.dtype) == (e.shape, e.dtype)
+        assert t.sharding == s
+    for path, leaf in masking.flatten(target["trainable"]).items():
+        assert leaf.sharding == masking.get_path(shardings, path)
+
+
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "mft_jax", *args], capture_output=True, text=True, **kw)
 
