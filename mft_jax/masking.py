@@ -6,9 +6,10 @@ n - int((1 - keep) * n) weights, those with the largest |score|; ties at the cut
 first int((1 - keep) * n) entries does. Global mode keeps score >= threshold (signed).
 
 The k-th largest |score| is found by a search over the float bits (non-negative float32 values order
-like their int32 bit patterns): bisection on CPU (31 counting passes), a 4-ary search on accelerators (16
-passes, 3 thresholds counted per read), plus a search over the flat index only when ties straddle the
-cut; all masked matrices are searched together (`topk_mask_group`). Each pass is an elementwise compare and
+like their int32 bit patterns): bisection on CPU (31 counting passes from scratch), a 4-ary search on
+accelerators (16 passes, 3 thresholds counted per read), warm-started from the previous step's cut during
+training (one pass to confirm a bracket, then ~17 or ~9 passes), plus a search over the flat index only
+when ties straddle the cut; all masked matrices are searched together (`topk_search`). Each pass is an elementwise compare and
 a sum, so on a sharded matrix only a few counts cross devices; no sort, no all-gather.
 
 Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked kernels, e.g.
@@ -151,18 +152,19 @@ def _num_passes(span: int, width: int) -> int:
     return passes
 
 
-def _search(passes: int, width: int, lo, hi, c_lo, c_hi, target, count_fn):
+def _search(width: int, lo, hi, c_lo, c_hi, target, count_fn):
     """(width + 1)-ary search, vectorised over entries: the largest x in [lo, hi) with count(x) >= target,
     for a count that does not increase with x, given c_lo = count(lo) >= target > count(hi) = c_hi.
 
     Each pass counts at `width` evenly spaced points inside every bracket (one read of the data, whatever the
-    width) and keeps the sub-bracket where the count crosses the target, with the counts at its ends.
-    Returns (x, count(x), count(x + 1)).
+    width) and keeps the sub-bracket where the count crosses the target, with the counts at its ends. Passes
+    run until every bracket is one integer wide: `_num_passes(hi - lo, width)` of them for the widest.
+    Returns (x, count(x), count(x + 1), passes).
     """
     j = jnp.arange(1, width + 1, dtype=jnp.int32)
 
-    def one_pass(_, carry):
-        lo, hi, c_lo, c_hi = carry
+    def one_pass(carry):
+        lo, hi, c_lo, c_hi, passes = carry
         step = (hi - lo + width) // (width + 1)  # ceil((hi - lo) / (width + 1)) >= 1
         points = jnp.minimum(lo[:, None] + step[:, None] * j, hi[:, None])  # [M, W], increasing
         counts = count_fn(points)  # [M, W], non-increasing along W
@@ -173,19 +175,30 @@ def _search(passes: int, width: int, lo, hi, c_lo, c_hi, target, count_fn):
         lo, c_lo = jnp.where(above > 0, pick(points, last), lo), jnp.where(above > 0, pick(counts, last), c_lo)
         hi, c_hi = (jnp.where(above < width, pick(points, first), hi),
                     jnp.where(above < width, pick(counts, first), c_hi))
-        return lo, hi, c_lo, c_hi
+        return lo, hi, c_lo, c_hi, passes + 1
 
-    lo, _, c_lo, c_hi = jax.lax.fori_loop(0, passes, one_pass, (lo, hi, c_lo, c_hi))
-    return lo, c_lo, c_hi
+    lo, _, c_lo, c_hi, passes = jax.lax.while_loop(lambda carry: jnp.any(carry[1] - carry[0] > 1), one_pass,
+                                                   (lo, hi, c_lo, c_hi, jnp.zeros((), jnp.int32)))
+    return lo, c_lo, c_hi, passes
 
 
-def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | None = None) -> list[jax.Array]:
-    """Exact local top-k masks of several matrices at once.
+def topk_search(scores: list[jax.Array], keeps: list[float], width: int | None = None,
+                previous: tuple[list[jax.Array], jax.Array] | None = None, with_passes: bool = False):
+    """Exact local top-k masks of several matrices at once, and their cuts.
 
-    One search runs for all matrices together: each pass is one compare-and-count fusion per matrix (reading
-    it once) and one all-reduce of a small vector of counts, inside one compiled loop. The counts at the
-    ends of the final bracket give the number of ties at the cut for free; only when ties straddle the cut
-    does a second search over the flat index run. `width`: thresholds per pass (`default_search_width`).
+    Returns (masks, cuts): cuts [len(scores)] int32 holds each matrix's k-th largest |score| as float32 bits
+    (0 where keep == 1.0). One search runs for all matrices together: each pass is one compare-and-count
+    fusion per matrix (reading it once) and one all-reduce of a small vector of counts, inside one compiled
+    loop. The counts at the ends of the final bracket give the number of ties at the cut for free; only when
+    ties straddle the cut does a second search over the flat index run. `width`: thresholds per pass
+    (`default_search_width`).
+
+    previous = (old_scores, old_cuts), the scores and cuts of the step before, warm-starts the search: an
+    order statistic moves no further than the values do, so the new cut lies within max |(|s'| - |s|)| of the
+    old one. One pass counts at the ends of that bracket; where the counts confirm it, the search starts
+    from it (after an optimizer step, a bracket some 2^17 floats wide instead of 2^31), and elsewhere from
+    the whole range. The masks are the same either way. with_passes=True adds a third output: the number of
+    passes over the scores (the bracket check included, the tie search and the final compare not).
     """
     width = default_search_width() if width is None else width
     ks = [num_kept(s.size, keep) for s, keep in zip(scores, keeps)]
@@ -195,7 +208,7 @@ def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | No
     masks: list = [jnp.ones(s.shape, bool) for s in scores]
     todo = [i for i, (s, k) in enumerate(zip(scores, ks)) if k < s.size]  # keep == 1.0 masks nothing
     if not todo:
-        return masks
+        return (masks, jnp.zeros(len(scores), jnp.int32)) + ((jnp.zeros((), jnp.int32),) if with_passes else ())
     bits = [jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32) for i in todo]
     index = {b.shape: _flat_index(b.shape) for b in bits}
 
@@ -205,29 +218,47 @@ def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | No
                               for r, b in enumerate(bits)])
         return count_fn
 
+    count_at_least = counts(lambda r, b, pts: b[..., None] >= pts)
     k = jnp.asarray([ks[i] for i in todo], jnp.int32)
     n = jnp.asarray([scores[i].size for i in todo], jnp.int32)
     zeros = jnp.zeros(len(todo), jnp.int32)
-    # v: the largest bit pattern with count(bits >= v) >= k, i.e. the k-th largest |score| of each matrix
-    # (count(bits >= 0) = n; nothing reaches the pattern above +inf).
-    v, c_v, c_above = _search(_num_passes(_INF_BITS + 1, width), width, zeros,
-                              jnp.full(len(todo), _INF_BITS + 1, jnp.int32), n, zeros, k,
-                              counts(lambda r, b, pts: b[..., None] >= pts))
+    # The whole range: count(bits >= 0) = n; nothing reaches the pattern above +inf.
+    lo, hi, c_lo, c_hi = zeros, jnp.full(len(todo), _INF_BITS + 1, jnp.int32), n, zeros
+    if previous is not None:
+        old_scores, old_cuts = previous
+        moved = jnp.stack([jnp.max(jnp.abs(jnp.abs(scores[i].astype(jnp.float32))
+                                           - jnp.abs(old_scores[i].astype(jnp.float32)))) for i in todo])
+        moved = moved * (1 + 2**-20)  # covers the rounding of the differences
+        old = jax.lax.bitcast_convert_type(old_cuts[jnp.asarray(todo)], jnp.float32)
+        below = jnp.clip(jax.lax.bitcast_convert_type(jnp.maximum(old - moved, 0.0), jnp.int32) - 2, 0, _INF_BITS)
+        above = jnp.clip(jax.lax.bitcast_convert_type(old + moved, jnp.int32) + 2, 1, _INF_BITS + 1)
+        ends = count_at_least(jnp.stack([below, above], axis=1))
+        ok = (ends[:, 0] >= k) & (ends[:, 1] < k)  # also false for a bracket made of NaNs
+        lo, hi = jnp.where(ok, below, lo), jnp.where(ok, above, hi)
+        c_lo, c_hi = jnp.where(ok, ends[:, 0], c_lo), jnp.where(ok, ends[:, 1], c_hi)
+    # v: the largest bit pattern with count(bits >= v) >= k, i.e. the k-th largest |score| of each matrix.
+    v, c_v, c_above, passes = _search(width, lo, hi, c_lo, c_hi, k, count_at_least)
+    passes = passes + (previous is not None)
     need = k - c_above  # entries equal to v that are kept (>= 1)
     ties = c_v - c_above  # entries equal to v
     # Where more entries equal v than are kept, keep those with the highest flat index: p is the largest
     # index with count(b == v and index >= p) >= need. Skipped when no matrix has such a tie.
-    passes = _num_passes(max(scores[i].size for i in todo) + 1, width)
 
     def tie_cut():
-        return _search(passes, width, zeros, n, ties, zeros, need, counts(
+        return _search(width, zeros, n, ties, zeros, need, counts(
             lambda r, b, pts: (b == v[r])[..., None] & (index[b.shape][..., None] >= pts)))[0]
 
     straddle = ties > need
     p = jnp.where(straddle, jax.lax.cond(jnp.any(straddle), tie_cut, lambda: zeros), 0)
     for r, (i, b) in enumerate(zip(todo, bits)):
         masks[i] = (b > v[r]) | ((b == v[r]) & (index[b.shape] >= p[r]))
-    return masks
+    cuts = jnp.zeros(len(scores), jnp.int32).at[jnp.asarray(todo)].set(v)
+    return (masks, cuts) + ((passes,) if with_passes else ())
+
+
+def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | None = None) -> list[jax.Array]:
+    """Exact local top-k masks of several matrices at once (`topk_search` without a warm start)."""
+    return topk_search(scores, keeps, width)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "width"))
@@ -238,13 +269,24 @@ def topk_mask(score: jax.Array, keep: float, width: int | None = None) -> jax.Ar
 
 def topk_masks(scores, mask_cfg: MaskConfig) -> dict:
     """bool masks for a scores pytree: local top-k of |score| per matrix, or global score >= threshold."""
+    return masks_and_cuts(scores, mask_cfg)[0]
+
+
+def masks_and_cuts(scores, mask_cfg: MaskConfig, previous=None) -> tuple[dict, jax.Array]:
+    """(masks, cuts) for a scores pytree; cuts [matrices] int32 as `topk_search` (empty in global mode).
+
+    previous = (old_scores, old_cuts) from the step before warm-starts the local search (same masks)."""
     flat = flatten(scores)
     if mask_cfg.mode == "global":
         return unflatten({path: score >= (mask_cfg.threshold_attn if is_attn(path) else mask_cfg.threshold_mlp)
-                          for path, score in flat.items()})
+                          for path, score in flat.items()}), jnp.zeros(0, jnp.int32)
     paths = list(flat)
-    masks = topk_mask_group([flat[p] for p in paths], [keep_fraction(p, mask_cfg) for p in paths])
-    return unflatten(dict(zip(paths, masks)))
+    if previous is not None:
+        old_flat = flatten(previous[0])
+        previous = ([old_flat[p] for p in paths], previous[1])
+    masks, cuts = topk_search([flat[p] for p in paths], [keep_fraction(p, mask_cfg) for p in paths],
+                              previous=previous)
+    return unflatten(dict(zip(paths, masks))), cuts
 
 
 # --------------------------------------------------------------------------------------------------------

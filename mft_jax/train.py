@@ -30,6 +30,7 @@ from mft_jax import convert, losses, masking, model, sharding
 from mft_jax.config import ConfigError, LlamaConfig, RunConfig
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
+DERIVED = ("masks", "mask_cuts")  # state entries recomputed from the scores, never checkpointed
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Setup:
                          "opt_state": sharding.opt_state_shardings(self.optimizer, shapes["opt_state"], trainable,
                                                                    self.mesh)}
             if "masks" in shapes:
-                shardings["masks"] = trainable
+                shardings.update(masks=trainable, mask_cuts=sharding.replicated(self.mesh))
             cached = self._state_cache[key] = (shapes, shardings)
         return cached
 
@@ -124,10 +125,9 @@ class Setup:
 
     def checkpoint_target(self, params_shapes):
         """The abstract state a checkpoint restores onto: ShapeDtypeStructs carrying this Setup's shardings,
-        without the masks (derived from the scores, never saved; `with_masks` adds them back)."""
+        without the masks and their cuts (derived from the scores, never saved; `with_masks` adds them back)."""
         shapes, shardings = self._state_abstract(params_shapes)
-        return ckpt_lib.abstract_like({k: v for k, v in shapes.items() if k != "masks"},
-                                      {k: v for k, v in shardings.items() if k != "masks"})
+        return ckpt_lib.abstract_like(_saved(shapes), _saved(shardings))
 
     # State ---------------------------------------------------------------------------------------------------
     def _init_state(self, params, key):
@@ -138,20 +138,25 @@ class Setup:
         state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
                  "opt_state": self.optimizer.init(trainable)}
         if self.mode == "mft":
-            state["masks"] = masking.topk_masks(trainable, self.mask_cfg)
+            state.update(self._derived(trainable))
         return state
+
+    def _derived(self, trainable, previous=None):
+        """The masks and their cuts (each matrix's k-th largest |score|, which warm-starts the next step's
+        search), computed from the scores; previous = (old scores, old cuts)."""
+        masks, cuts = masking.masks_and_cuts(trainable, self.mask_cfg, previous)
+        return {"masks": masks, "mask_cuts": cuts}
 
     def init_state(self, params, key):
         shardings = self.state_shardings(params)
         return jax.jit(self._init_state, out_shardings=shardings)(params, key)
 
     def with_masks(self, state):
-        """Adds the (derived) masks to a restored state."""
+        """Adds the (derived) masks and cuts to a restored state."""
         if self.mode != "mft":
             return state
-        masks = jax.jit(lambda s: masking.topk_masks(s, self.mask_cfg),
-                        out_shardings=self.trainable_shardings())(state["trainable"])
-        return {**state, "masks": masks}
+        shardings = {"masks": self.trainable_shardings(), "mask_cuts": sharding.replicated(self.mesh)}
+        return {**state, **jax.jit(self._derived, out_shardings=shardings)(state["trainable"])}
 
     # The training step ---------------------------------------------------------------------------------------
     def _step(self, params, state, batch_MxBxL):
@@ -185,23 +190,22 @@ class Setup:
         else:
             grads = masking.score_grads(trainable, masked_w, diff_grads, self.mask_cfg)
 
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
         grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves the scores and optimizer state untouched (the loop then stops
+        # with an error). The check comes first, so the select fuses into the update's own pass over them.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
+        keep_if_finite = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_trainable = jax.tree.map(keep_if_finite, optax.apply_updates(trainable, updates), trainable)
+        opt_state = jax.tree.map(keep_if_finite, opt_state, state["opt_state"])
         new_state = {"step": state["step"] + 1, "trainable": new_trainable, "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
-                   "tokens": tokens, "label_weight": den}
-        if self.mode == "mft":
-            new_masks = masking.topk_masks(new_trainable, self.mask_cfg)
-            new_state["masks"] = new_masks
-            metrics["mask_flips"] = sum(jnp.sum(a != b, dtype=jnp.int32)
-                                        for a, b in zip(jax.tree.leaves(new_masks), jax.tree.leaves(state["masks"])))
-            metrics.update(masking.mask_stats(new_masks))
-        # A non-finite loss or gradient leaves the state untouched; the loop then stops with an error.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                                 {**state, "step": state["step"] + 1})
-        metrics["finite"] = finite
+                   "tokens": tokens, "label_weight": den, "finite": finite}
+        if self.mode == "mft":  # (unchanged scores give back the same masks)
+            new_state.update(self._derived(new_trainable, previous=(trainable, state["mask_cuts"])))
+            metrics["mask_flips"] = sum(jnp.sum(a != b, dtype=jnp.int32) for a, b in
+                                        zip(jax.tree.leaves(new_state["masks"]), jax.tree.leaves(state["masks"])))
+            metrics.update(masking.mask_stats(new_state["masks"]))
         return new_state, metrics
 
     def jit_step(self, params_shapes):
@@ -512,5 +516,5 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
 
 
 def _saved(state: dict) -> dict:
-    """What a checkpoint holds: masks are derived from the scores, so they are not saved."""
-    return {k: v for k, v in state.items() if k != "masks"}
+    """What a checkpoint holds: masks and cuts are derived from the scores, so they are not saved."""
+    return {k: v for k, v in state.items() if k not in DERIVED}

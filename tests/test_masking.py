@@ -54,6 +54,34 @@ def test_topk_group_mixed_shapes_keeps_and_ties(width):
         np.testing.assert_array_equal(np.asarray(m), sort_reference(s.astype(np.float32), keep))
 
 
+@pytest.mark.parametrize("width", [1, 3])
+def test_warm_start_is_exact_and_narrows_the_search(width):
+    """Warm-started from the previous step's cut: the same masks as from scratch, in far fewer passes; a wrong
+    hint (cuts of other scores, or scores that moved further than the bracket allows) falls back, still exact."""
+    rng = np.random.default_rng(7)
+    shapes = [(48, 40), (40, 96), (33, 17)]
+    old = [jnp.asarray(0.02 * rng.normal(size=s), jnp.float32) for s in shapes]
+    new = [o + 2e-5 * jnp.asarray(rng.choice([-1.0, 1.0], size=o.shape), jnp.float32) for o in old]
+    tied = jnp.asarray(rng.integers(-2, 3, size=(30, 20)), jnp.float32)  # ties straddle the cut; scores unchanged
+    old, new = old + [tied], new + [tied]
+    keeps = (0.9, 0.75, 0.5, 0.6)
+    search = jax.jit(masking.topk_search, static_argnames=("keeps", "width", "with_passes"))
+    _, old_cuts, cold_passes = search(old, keeps, width, None, True)
+    assert int(cold_passes) == masking._num_passes(masking._INF_BITS + 1, width)
+    masks, cuts, warm_passes = search(new, keeps, width, (old, old_cuts), True)
+    for s, keep, m in zip(new, keeps, masks):
+        np.testing.assert_array_equal(np.asarray(m), sort_reference(np.asarray(s), keep))
+    np.testing.assert_array_equal(np.asarray(cuts), np.asarray(search(new, keeps, width)[1]))
+    # 2e-5 moves near a cut of ~2e-3 (|N(0, 0.02)| quantiles): a bracket of ~2^17 floats, not 2^31
+    assert int(warm_passes) <= masking._num_passes(2**18, width) + 1 < int(cold_passes)
+    wrong_hints = [(new, jnp.zeros_like(old_cuts)),  # unchanged scores but cuts at +0.0
+                   ([o * 3 for o in old], old_cuts)]  # the bracket misses the cut: counts disagree
+    for previous in wrong_hints:
+        masks = search(new, keeps, width, previous)[0]
+        for s, keep, m in zip(new, keeps, masks):
+            np.testing.assert_array_equal(np.asarray(m), sort_reference(np.asarray(s), keep))
+
+
 def test_search_pass_counts():
     # 31 bisection passes over the float bits of |score|; 16 with 3 thresholds per pass.
     assert masking._num_passes(masking._INF_BITS + 1, 1) == 31

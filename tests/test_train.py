@@ -206,13 +206,14 @@ def test_state_shardings_cached_and_checkpoint_target(tiny, monkeypatch, mode):
     # Another dtype is another state (fp32 master copy either way, but traced afresh).
     setup.state_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), shapes))
     assert len(calls) == 2
-    # The restore target: the state less the masks, each leaf a ShapeDtypeStruct with the state's sharding.
+    # The restore target: the state less masks and cuts, each leaf a ShapeDtypeStruct with the state's sharding.
     target = setup.checkpoint_target(params)
     assert len(calls) == 2
-    expected = {k: v for k, v in ref_shapes.items() if k != "masks"}
+    assert ("mask_cuts" in again) == (mode == "mft")
+    expected = {k: v for k, v in ref_shapes.items() if k not in train.DERIVED}
     assert set(target) == {"step", "trainable", "opt_state"}
     assert jax.tree.structure(target) == jax.tree.structure(expected)
-    target_shardings = {k: v for k, v in again.items() if k != "masks"}
+    target_shardings = {k: v for k, v in again.items() if k not in train.DERIVED}
     for t, e, s in zip(jax.tree.leaves(target), jax.tree.leaves(expected), jax.tree.leaves(target_shardings)):
         assert isinstance(t, jax.ShapeDtypeStruct)
         assert (t.shape, t.dtype) == (e.shape, e.dtype)
