@@ -106,10 +106,10 @@ def _prefill(cfg: LlamaConfig, params: Params, prompt_BxLp, prompt_lens_B, activ
     else:
         cache = model_lib.init_cache(cfg, b, lp + num_new, compute_dtype)
         segment_BxLp = (jnp.arange(lp)[None, :] >= (lp - prompt_lens_B)[:, None]).astype(jnp.int32)
-        logits_BxLpxV, cache = model_lib.forward_with_cache(cfg, params, prompt_BxLp,
-                                                            _positions(prompt_lens_B, lp, lp), segment_BxLp,
-                                                            cache, 0, compute_dtype=compute_dtype)
-        logits_BxV = logits_BxLpxV[:, -1]
+        logits_Bx1xV, cache = model_lib.forward_with_cache(cfg, params, prompt_BxLp,
+                                                           _positions(prompt_lens_B, lp, lp), segment_BxLp,
+                                                           cache, 0, compute_dtype=compute_dtype, last_only=True)
+        logits_BxV = logits_Bx1xV[:, 0]
         memory = {"cache": cache}
     token_B = sample_tokens(logits_BxV, _step_keys(keys_B, 0), temperature, top_p, greedy=greedy,
                             use_top_p=use_top_p)

@@ -9,8 +9,8 @@ The k-th largest |score| is found by a search over the float bits (non-negative 
 like their int32 bit patterns): bisection on CPU (31 counting passes from scratch), a 4-ary search on
 accelerators (16 passes, 3 thresholds counted per read), warm-started from the previous step's cut during
 training (one pass to confirm a bracket, then ~17 or ~9 passes), plus a search over the flat index only
-when ties straddle the cut; all masked matrices are searched together (`topk_search`). Each pass is an elementwise compare and
-a sum, so on a sharded matrix only a few counts cross devices; no sort, no all-gather.
+when ties straddle the cut; all masked matrices are searched together (`topk_search`). Each pass is an
+elementwise compare and a sum, so on a sharded matrix only a few counts cross devices; no sort, no all-gather.
 
 Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked kernels, e.g.
 {"layers_4": {"self_attn": {"q_proj": {"kernel": f32[D, H*Dh]}}}}. Kernels are [in, out] as in the model.

@@ -225,7 +225,8 @@ class Llama(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None):
+    def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None,
+                 last_only: bool = False):
         cfg = self.cfg
         embedding_VxD = self.param("embed_tokens", _init(nn.initializers.normal(0.02), ("vocab", "embed")),
                                    (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
@@ -252,6 +253,8 @@ class Llama(nn.Module):
                                                                      q_index_BxL, layer_cache, cache_index)
             new_layers.append(new_layer_cache)
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
+        if last_only:  # logits of the last position only (a prefill needs no more): [B, 1, V]
+            x_BxLxD = x_BxLxD[:, -1:]
         if cfg.tie_word_embeddings:
             logits_BxLxV = jnp.dot(x_BxLxD, embedding_VxD.astype(self.dtype).T)
         else:
@@ -324,13 +327,15 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float3
     return {"layers": layers, "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "last_only"), donate_argnames=("cache",))
 def forward_with_cache(cfg: LlamaConfig, params: Params, tokens, positions, segment_ids, cache: dict,
-                       cache_index, *, compute_dtype=jnp.float32) -> tuple[jax.Array, dict]:
+                       cache_index, *, compute_dtype=jnp.float32, last_only: bool = False) -> tuple[jax.Array, dict]:
     """Runs tokens [B, T] that occupy cache slots [cache_index, cache_index + T); returns (logits, cache).
 
     Rows are left-padded with segment id 0, so every row's next token goes to the same slot.
+    last_only: logits [B, 1, V] of the last position only (a prefill's: [B, T, V] fp32 logits of a 128k
+    vocabulary are 4 GB at B=8, T=1024).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     return _module(cfg, compute_dtype).apply({"params": params}, tokens, positions, segment_ids, cache,
-                                             cache_index)
+                                             cache_index, last_only)

@@ -78,6 +78,10 @@ def test_kv_cache_matches_full_forward(hf_pair):
     cache = model.init_cache(cfg, 2, 16)
     pos = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
     seg = np.ones((2, 12), np.int32)
+    last = model.forward_with_cache(cfg, params, tokens[:, :8], pos[:, :8], seg[:, :8],
+                                    model.init_cache(cfg, 2, 16), 0, last_only=True)[0]
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), full[:, 7:8], atol=1e-5, rtol=0)
     prefill, cache = model.forward_with_cache(cfg, params, tokens[:, :8], pos[:, :8], seg[:, :8], cache, 0)
     np.testing.assert_allclose(np.asarray(prefill), full[:, :8], atol=1e-5, rtol=0)
     for t in range(8, 12):
