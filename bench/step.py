@@ -98,6 +98,8 @@ def main():
                                                       "fp32 on CPU)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk: head + loss this many "
+                                                                  "positions at a time (0 = off)")
     parser.add_argument("--iters", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the best of each is kept")
     parser.add_argument("--variants", default="frozen,mft", help="comma-separated: frozen (the floor), mft")
@@ -112,7 +114,8 @@ def main():
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     cfg = config.LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.seq, 4096), dtype=dtype)
     run = config.from_dict({
-        "model": {"path": "(random)", "compute_dtype": dtype, "attention": args.attention, "remat": args.remat},
+        "model": {"path": "(random)", "compute_dtype": dtype, "attention": args.attention, "remat": args.remat,
+                  "loss_chunk": args.loss_chunk},
         "mask": {"masked_layers": args.layers, "keep_attn": args.keep, "keep_mlp": args.keep},
         "train": {"batch_size": args.batch * args.micro, "micro_batch_size": args.batch},
     }, verbose=False)
@@ -175,6 +178,7 @@ def main():
             "variant": name, "preset": args.preset, "backend": jax.default_backend(), "device": device_kind,
             "devices": len(jax.devices()), "seq": args.seq, "batch": args.batch, "micro": args.micro,
             "layers": args.layers, "dtype": dtype, "remat": args.remat, "attention": args.attention,
+            "loss_chunk": args.loss_chunk,
             "topk_width": masking.default_search_width(), "params": n_params,
             "tokens_per_s": round(tokens_per_step / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
             "tflops_per_s": round(flops / seconds / 1e12, 2), "peak_bf16_tflops": peak_chip,

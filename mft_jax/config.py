@@ -208,6 +208,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention: str = "auto"  # auto | xla | cudnn
     remat: str = "none"  # none | full | dots: rematerialisation policy of each decoder layer
+    # > 0: the loss computes the LM head and cross-entropy this many positions at a time, recomputing them in
+    # the backward pass, so no [B, L, V] fp32 logits exist (for large vocabularies; costs one more head matmul)
+    loss_chunk: int = 0
 
     def validate(self):
         _choice("model.compute_dtype", self.compute_dtype, _DTYPES)
@@ -215,6 +218,8 @@ class ModelConfig:
             _choice("model.dtype", self.dtype, _DTYPES)
         _choice("model.attention", self.attention, ("auto", "xla", "cudnn"))
         _choice("model.remat", self.remat, ("none", "full", "dots"))
+        if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
+            raise ConfigError(f"model.loss_chunk must be an integer >= 0 (0 = off), got {self.loss_chunk!r}")
 
 
 @dataclass

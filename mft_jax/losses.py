@@ -27,6 +27,35 @@ def sft_sums(logits_BxLxV, targets_BxL, loss_weights_BxL) -> tuple[jax.Array, ja
     return jnp.sum(jnp.where(w_BxL > 0, nll_BxL * w_BxL, 0.0)), jnp.sum(w_BxL)
 
 
+def chunked_sft_sums(hidden_BxLxD, head_DxV, targets_BxL, loss_weights_BxL, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`sft_sums` of logits = hidden @ head, computed `chunk` positions at a time.
+
+    A scan over position chunks, each checkpointed: the backward pass recomputes one chunk's logits at a
+    time, so at most [B, chunk, V] fp32 logits exist rather than [B, L, V]. The matmul runs in the hidden
+    states' dtype, as the model's own head. Positions past L (padding up to a multiple of `chunk`) weigh 0.
+    """
+    b, length, d = hidden_BxLxD.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    w_BxL = loss_weights_BxL.astype(jnp.float32)
+    if pad:
+        hidden_BxLxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxL, w_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad))), jnp.pad(w_BxL, ((0, 0), (0, pad)))
+    chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731  [n, B, chunk, ...]
+    head = head_DxV.astype(hidden_BxLxD.dtype)
+
+    @jax.checkpoint
+    def one(h_BxCxD, t_BxC, w_BxC):
+        return sft_sums(jnp.dot(h_BxCxD, head).astype(jnp.float32), t_BxC, w_BxC)
+
+    def body(carry, xs):
+        num, den = one(*xs)
+        return (carry[0] + num, carry[1] + den), None
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(body, (zero, zero), (chunks(hidden_BxLxD), chunks(targets_BxL), chunks(w_BxL)))[0]
+
+
 def sft(logits_BxLxV, targets_BxL, loss_weights_BxL) -> jax.Array:
     """The SFT loss of one batch: sum(w * nll) / sum(w)."""
     num, den = sft_sums(logits_BxLxV, targets_BxL, loss_weights_BxL)

@@ -226,7 +226,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None,
-                 last_only: bool = False):
+                 last_only: bool = False, hidden_only: bool = False):
         cfg = self.cfg
         embedding_VxD = self.param("embed_tokens", _init(nn.initializers.normal(0.02), ("vocab", "embed")),
                                    (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
@@ -255,6 +255,8 @@ class Llama(nn.Module):
         x_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
         if last_only:  # logits of the last position only (a prefill needs no more): [B, 1, V]
             x_BxLxD = x_BxLxD[:, -1:]
+        if hidden_only:  # the final normed hidden states [B, L, D]; the caller applies `lm_head_kernel`
+            return x_BxLxD, None
         if cfg.tie_word_embeddings:
             logits_BxLxV = jnp.dot(x_BxLxD, embedding_VxD.astype(self.dtype).T)
         else:
@@ -301,23 +303,30 @@ def count_params(cfg: LlamaConfig) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat"))
+def lm_head_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
+    """The output projection [D, V]: `lm_head/kernel`, or the transposed embedding when tied."""
+    return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only"))
 def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_ids=None, *,
-            compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none") -> jax.Array:
+            compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none",
+            hidden_only: bool = False) -> jax.Array:
     """Logits [B, L, V] in float32 for int tokens [B, L].
 
     positions [B, L]: position of each token in its document (default 0..L-1).
     segment_ids [B, L]: document id per token (0 = padding); attention never crosses documents.
     compute_dtype: float32 or bfloat16 for activations and matmuls (norm statistics and softmax stay fp32).
+    hidden_only: return the final normed hidden states [B, L, D] (compute dtype) instead of the logits.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    logits, _ = _module(cfg, compute_dtype, attention, remat).apply({"params": params}, tokens, positions,
-                                                                    segment_ids)
-    return logits
+    out, _ = _module(cfg, compute_dtype, attention, remat).apply({"params": params}, tokens, positions,
+                                                                 segment_ids, hidden_only=hidden_only)
+    return out
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:

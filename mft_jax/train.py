@@ -81,12 +81,20 @@ class Setup:
         self.compute_dtype = jnp.dtype(self.run.model.compute_dtype)
         self._state_cache = {}  # see _state_abstract
 
-    def forward(self, params, batch):
+    def loss_sums(self, params, batch):
+        """(sum(w * nll), sum(w)) of one batch [B, L] (see mft_jax.losses); with `model.loss_chunk`, the head
+        and cross-entropy run a chunk of positions at a time."""
         attention = self.run.model.attention
         if attention == "auto":
             attention = "cudnn" if jax.default_backend() == "gpu" and not self.run.data.packing else "xla"
-        return model.forward(self.cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             compute_dtype=self.compute_dtype, attention=attention, remat=self.run.model.remat)
+        chunk = self.run.model.loss_chunk
+        out = model.forward(self.cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                            compute_dtype=self.compute_dtype, attention=attention, remat=self.run.model.remat,
+                            hidden_only=chunk > 0)
+        if chunk > 0:
+            return losses.chunked_sft_sums(out, model.lm_head_kernel(self.cfg, params), batch["targets"],
+                                           batch["loss_weights"], chunk)
+        return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
 
     # Shardings of the state ------------------------------------------------------------------------------
     def trainable_shardings(self):
@@ -170,7 +178,7 @@ class Setup:
             to_model = lambda d: masking.merge(params, d)  # noqa: E731
 
         def micro_loss(d, micro):
-            return losses.sft_sums(self.forward(to_model(d), micro), micro["targets"], micro["loss_weights"])
+            return self.loss_sums(to_model(d), micro)
 
         def accumulate(carry, micro):
             grad_acc, num_acc, den_acc, tok_acc = carry
@@ -224,9 +232,7 @@ class Setup:
         return masking.apply_masks(params, state["masks"])
 
     def _eval_sums(self, params, state, batch_BxL):
-        num, den = losses.sft_sums(self.forward(self.effective_params(params, state), batch_BxL),
-                                   batch_BxL["targets"], batch_BxL["loss_weights"])
-        return num, den
+        return self.loss_sums(self.effective_params(params, state), batch_BxL)
 
     def jit_eval(self, params_shapes):
         return jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.state_shardings(params_shapes),
@@ -239,8 +245,7 @@ class Setup:
 
         def accumulate(grad_acc, micro):
             def micro_loss(d):
-                return losses.sft_sums(self.forward(masking.merge(params, d), micro), micro["targets"],
-                                       micro["loss_weights"])[0]
+                return self.loss_sums(masking.merge(params, d), micro)[0]
             grad = jax.grad(micro_loss)(diff)
             return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad), None
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from hf_models import VARIANTS, hf_logits, make_hf_llama
-from mft_jax import convert, model
+from mft_jax import convert, losses, model
 from mft_jax.config import LlamaConfig
 
 
@@ -88,6 +88,33 @@ def test_kv_cache_matches_full_forward(hf_pair):
         step, cache = model.forward_with_cache(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1],
                                                cache, t)
         np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_full_logits_loss(tied):
+    """The head + cross-entropy a chunk of positions at a time (model.loss_chunk): the same loss and the same
+    gradients, for every param (the head's and the tied embedding's included); 13 positions, chunk 5 pads."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied)
+    params = model.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    tokens, targets = _tokens(cfg, 3, 13, seed=3), _tokens(cfg, 3, 13, seed=4)
+    weights = (rng.random((3, 13)) < 0.7).astype(np.float32) * rng.random((3, 13)).astype(np.float32)
+
+    def full(p):
+        return losses.sft_sums(model.forward(cfg, p, tokens), targets, weights)
+
+    def chunked(p):
+        hidden = model.forward(cfg, p, tokens, hidden_only=True)
+        return losses.chunked_sft_sums(hidden, model.lm_head_kernel(cfg, p), targets, weights, 5)
+
+    (num_a, den_a), grads_a = full(params), jax.grad(lambda p: full(p)[0])(params)
+    (num_b, den_b), grads_b = chunked(params), jax.grad(lambda p: chunked(p)[0])(params)
+    assert float(den_b) == pytest.approx(float(den_a), rel=1e-6)  # summed in another order
+    assert float(num_b) == pytest.approx(float(num_a), rel=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads_a)[0], jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5, err_msg=str(path))
 
 
 def test_hf_config_formats_agree():

@@ -158,6 +158,31 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["mft", "fft"])
+def test_loss_chunk_step_equals_full_logits_step(tiny, mode):
+    """model.loss_chunk (head and cross-entropy 5 positions at a time, 16 per row) gives the same step."""
+    root, model_dir = tiny
+    cfg = convert.load_config(model_dir)
+    batch = _batches(cfg, 1, 2, 8, 16)[0]
+    results = []
+    for chunk in (0, 5):
+        run = make_run(root, model_dir, optim={"lr": 1e-3}, train={"mode": mode, "batch_size": 16,
+                                                                    "micro_batch_size": 8},
+                       model={"path": str(model_dir), "compute_dtype": "float32", "loss_chunk": chunk})
+        mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
+        shardings = sharding.param_shardings(cfg, mesh)
+        _, params = convert.load_hf(model_dir, shardings=shardings)
+        setup = train.Setup(run, cfg, mesh, shardings, total_steps=1, micro_batches=2)
+        with sharding.axis_rules(), jax.set_mesh(mesh):
+            state = setup.init_state(params, jax.random.key(0))
+            state, metrics = setup.jit_step(params)(params, state, train.global_batch(batch, mesh))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state["trainable"]))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    assert abs(results[0][1] - results[1][1]) < 1e-5 * results[0][1]
+    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
 def test_nan_loss_leaves_state_untouched(tiny):
     root, model_dir = tiny
     run = make_run(root, model_dir, train={"max_steps": 3})
