@@ -183,6 +183,30 @@ def test_loss_chunk_step_equals_full_logits_step(tiny, mode):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+def test_global_mode_steps(tiny):
+    """Global threshold mode through the real step: masks = score >= threshold on every layer's attention."""
+    root, model_dir = tiny
+    cfg = convert.load_config(model_dir)
+    run = make_run(root, model_dir, optim={"lr": 1e-2},
+                   mask={"mode": "global", "modules": "attn", "masked_layers": [], "threshold_attn": 0.01})
+    mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
+    shardings = sharding.param_shardings(cfg, mesh)
+    _, params = convert.load_hf(model_dir, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=2, micro_batches=2)
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        state = setup.init_state(params, jax.random.key(0))
+        step = setup.jit_step(params)
+        for batch in _batches(cfg, 2, 2, 8, 16):
+            state, metrics = step(params, state, train.global_batch(batch, mesh))
+    assert bool(metrics["finite"]) and state["mask_cuts"].shape == (0,)
+    scores, masks = masking.flatten(state["trainable"]), masking.flatten(state["masks"])
+    assert len(scores) == 4 * cfg.num_hidden_layers and set(scores) == set(masks)
+    for path, s in scores.items():
+        np.testing.assert_array_equal(np.asarray(masks[path]), np.asarray(s) >= 0.01, err_msg=str(path))
+    kept = sum(int(np.sum(m)) for m in masks.values()) / sum(m.size for m in masks.values())
+    assert 0.2 < kept < 0.5 and float(metrics["kept"]) == pytest.approx(kept)  # N(0, 0.02) >= 0.01: ~31%
+
+
 def test_nan_loss_leaves_state_untouched(tiny):
     root, model_dir = tiny
     run = make_run(root, model_dir, train={"max_steps": 3})
