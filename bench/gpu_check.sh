@@ -20,9 +20,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python}
 budget=${BUDGET_S:-480}
 if [ "${SMOKE:-0}" = 1 ]; then
-  big=tiny; big8=tiny; seq=64; timing=(--iters 1 --rounds 1); scale=1
+  big=tiny; big8=tiny; seq=64; timing=(--iters 1 --rounds 1)
 else
-  big=llama2-7b; big8=llama3.1-8b; seq=4096; timing=(--iters 3 --rounds 3); scale=1
+  big=llama2-7b; big8=llama3.1-8b; seq=4096; timing=(--iters 3 --rounds 3)
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 fi
 ref=../shared/bench/torch_reference_mft.py
@@ -30,7 +30,7 @@ ref=../shared/bench/torch_reference_mft.py
 
 # piece NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, logs to OUT/NAME.log, collects JSON lines.
 piece() {
-  local name=$1 limit=$(($2 * scale)) rc
+  local name=$1 limit=$2 rc
   shift 2
   if ((SECONDS + limit > budget)); then
     echo "{\"piece\": \"$name\", \"skipped\": \"budget: ${SECONDS}s used of ${budget}s\"}" | tee -a "$out/results.jsonl"

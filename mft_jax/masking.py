@@ -143,22 +143,13 @@ def default_search_width() -> int:
     return 1 if jax.default_backend() == "cpu" else 3
 
 
-def _num_passes(span: int, width: int) -> int:
-    """Passes of `_search` that narrow a bracket of `span` integers to one."""
-    passes = 0
-    while span > 1:
-        span = -(-span // (width + 1))
-        passes += 1
-    return passes
-
-
 def _search(width: int, lo, hi, c_lo, c_hi, target, count_fn):
     """(width + 1)-ary search, vectorised over entries: the largest x in [lo, hi) with count(x) >= target,
     for a count that does not increase with x, given c_lo = count(lo) >= target > count(hi) = c_hi.
 
     Each pass counts at `width` evenly spaced points inside every bracket (one read of the data, whatever the
     width) and keeps the sub-bracket where the count crosses the target, with the counts at its ends. Passes
-    run until every bracket is one integer wide: `_num_passes(hi - lo, width)` of them for the widest.
+    run until every bracket is one integer wide: ceil(log_{width+1}(hi - lo)) of them for the widest.
     Returns (x, count(x), count(x + 1), passes).
     """
     j = jnp.arange(1, width + 1, dtype=jnp.int32)

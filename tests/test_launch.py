@@ -170,19 +170,24 @@ def test_tpu_pod_worker_train_command(env, tmp_path):
 
 def test_tpu_pod_interrupt_stops_the_workers_run_and_deletes(env, tmp_path):
     _fake_gcloud(tmp_path, f"touch {tmp_path}/started; for _ in $(seq 200); do sleep 0.05; done")
-    proc = subprocess.Popen(["bash", str(LAUNCH / "tpu_pod.sh"), "--config", CONFIG, "--zone", "z", "--run-dir",
-                             str(tmp_path / "run"), "--git", "https://example.com/r.git"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _sigterm_once_started(["tpu_pod.sh", "--config", CONFIG, "--zone", "z", "--run-dir", str(tmp_path / "run"),
+                           "--git", "https://example.com/r.git"], env, tmp_path / "started")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    stop = next(i for i, c in enumerate(calls) if "kill -TERM" in c and "--worker=all" in c and "mft-jax train" not in c)
+    assert " delete " in calls[-1] and stop < len(calls) - 1
+
+
+def _sigterm_once_started(args: list[str], env: dict, started: Path) -> None:
+    """Runs launch/ARGS[0] with ARGS[1:], sends SIGTERM once `started` exists, and expects exit status 130."""
+    proc = subprocess.Popen(["bash", str(LAUNCH / args[0]), *args[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
-    while not (tmp_path / "started").exists():
+    while not started.exists():
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 130, err
-    calls = (tmp_path / "calls").read_text().splitlines()
-    stop = next(i for i, c in enumerate(calls) if "kill -TERM" in c and "--worker=all" in c and "mft-jax train" not in c)
-    assert " delete " in calls[-1] and stop < len(calls) - 1
 
 
 def _fake_gcloud(tmp_path: Path, train_script: str) -> None:
@@ -302,16 +307,8 @@ def test_gpu_sigterm_reaches_the_run_and_is_not_retried(env, tmp_path):
     # The run saves and exits 0 on SIGTERM, like mft-jax train; the script passes the signal on and stops.
     venv = _fake_venv(tmp_path, f"trap 'echo got TERM > {tmp_path}/term; exit 0' TERM; touch {tmp_path}/started; "
                                 f"for _ in $(seq 200); do sleep 0.05; done; exit 5")
-    proc = subprocess.Popen(["bash", str(LAUNCH / "gpu.sh"), "--config", CONFIG, "--venv", str(venv), "--run-dir",
-                             str(tmp_path / "run"), "--retries", "3", "--retry-delay", "0"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "started").exists():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130, err
+    _sigterm_once_started(["gpu.sh", "--config", CONFIG, "--venv", str(venv), "--run-dir", str(tmp_path / "run"),
+                           "--retries", "3", "--retry-delay", "0"], env, tmp_path / "started")
     assert (tmp_path / "term").read_text().strip() == "got TERM"
     assert (tmp_path / "trains").read_text().strip() == "1"
 

@@ -21,6 +21,15 @@ def sort_reference(score: np.ndarray, keep: float) -> np.ndarray:
     return mask.reshape(score.shape)
 
 
+def num_passes(span: int, width: int) -> int:
+    """Passes a (width + 1)-ary search takes to narrow a bracket of `span` integers to one."""
+    passes = 0
+    while span > 1:
+        span = -(-span // (width + 1))
+        passes += 1
+    return passes
+
+
 def _inputs():
     rng = np.random.default_rng(0)
     yield "normal", rng.normal(size=(37, 53)).astype(np.float32)
@@ -67,13 +76,13 @@ def test_warm_start_is_exact_and_narrows_the_search(width):
     keeps = (0.9, 0.75, 0.5, 0.6)
     search = jax.jit(masking.topk_search, static_argnames=("keeps", "width", "with_passes"))
     _, old_cuts, cold_passes = search(old, keeps, width, None, True)
-    assert int(cold_passes) == masking._num_passes(masking._INF_BITS + 1, width)
+    assert int(cold_passes) == num_passes(masking._INF_BITS + 1, width)
     masks, cuts, warm_passes = search(new, keeps, width, (old, old_cuts), True)
     for s, keep, m in zip(new, keeps, masks):
         np.testing.assert_array_equal(np.asarray(m), sort_reference(np.asarray(s), keep))
     np.testing.assert_array_equal(np.asarray(cuts), np.asarray(search(new, keeps, width)[1]))
     # 2e-5 moves near a cut of ~2e-3 (|N(0, 0.02)| quantiles): a bracket of ~2^17 floats, not 2^31
-    assert int(warm_passes) <= masking._num_passes(2**18, width) + 1 < int(cold_passes)
+    assert int(warm_passes) <= num_passes(2**18, width) + 1 < int(cold_passes)
     wrong_hints = [(new, jnp.zeros_like(old_cuts)),  # unchanged scores but cuts at +0.0
                    ([o * 3 for o in old], old_cuts)]  # the bracket misses the cut: counts disagree
     for previous in wrong_hints:
@@ -84,9 +93,9 @@ def test_warm_start_is_exact_and_narrows_the_search(width):
 
 def test_search_pass_counts():
     # 31 bisection passes over the float bits of |score|; 16 with 3 thresholds per pass.
-    assert masking._num_passes(masking._INF_BITS + 1, 1) == 31
-    assert masking._num_passes(masking._INF_BITS + 1, 3) == 16
-    assert masking._num_passes(1, 3) == 0 and masking._num_passes(2, 1) == 1
+    assert num_passes(masking._INF_BITS + 1, 1) == 31
+    assert num_passes(masking._INF_BITS + 1, 3) == 16
+    assert num_passes(1, 3) == 0 and num_passes(2, 1) == 1
 
 
 def test_published_counts():

@@ -67,6 +67,33 @@ def _run_steps(tiny, mesh_shape, steps=5, param_dtype=None, devices=None, comput
     return setup, params, state, losses, step_fn
 
 
+def _steps_one_device(run, model_dir, batches, micro):
+    """(state, metrics per step) of `run` on one device, from fresh scores, over [M, B, L] batches."""
+    cfg = convert.load_config(model_dir)
+    mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
+    shardings = sharding.param_shardings(cfg, mesh)
+    _, params = convert.load_hf(model_dir, shardings=shardings)
+    setup = train.Setup(run, cfg, mesh, shardings, total_steps=len(batches), micro_batches=micro)
+    metrics = []
+    with sharding.axis_rules(), jax.set_mesh(mesh):
+        state = setup.init_state(params, jax.random.key(0))
+        step = setup.jit_step(params)
+        for batch in batches:
+            state, m = step(params, state, train.global_batch(batch, mesh))
+            metrics.append(m)
+    return state, metrics
+
+
+def _same_step(a, b, grad_norm_rtol):
+    """Two (state, metrics) results of one step agree: loss, grad norm and every trained value."""
+    (state_a, (metrics_a,)), (state_b, (metrics_b,)) = a, b
+    assert abs(float(metrics_a["loss"]) - float(metrics_b["loss"])) < 1e-6
+    norm_a, norm_b = float(metrics_a["grad_norm"]), float(metrics_b["grad_norm"])
+    assert abs(norm_a - norm_b) < grad_norm_rtol * norm_b
+    for x, y in zip(jax.tree.leaves(state_a["trainable"]), jax.tree.leaves(state_b["trainable"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def single_device(tiny):
     return _run_steps(tiny, (1, 1, 1), devices=jax.devices()[:1])
@@ -140,22 +167,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
     root, model_dir = tiny
     cfg = convert.load_config(model_dir)
     batch = _batches(cfg, 1, 4, 8, 16)[0]
-    results = []
-    for micro in (4, 1):
-        run = make_run(root, model_dir, optim={"lr": 1e-3})
-        mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
-        shardings = sharding.param_shardings(cfg, mesh)
-        _, params = convert.load_hf(model_dir, shardings=shardings)
-        setup = train.Setup(run, cfg, mesh, shardings, total_steps=1, micro_batches=micro)
-        with sharding.axis_rules(), jax.set_mesh(mesh):
-            state = setup.init_state(params, jax.random.key(0))
-            reshaped = {k: v.reshape(micro, -1, v.shape[-1]) for k, v in batch.items()}
-            state, metrics = setup.jit_step(params)(params, state, train.global_batch(reshaped, mesh))
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state["trainable"]))
-    assert abs(results[0][0] - results[1][0]) < 1e-6
-    assert abs(results[0][1] - results[1][1]) < 1e-6 * results[1][1]
-    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    run = make_run(root, model_dir, optim={"lr": 1e-3})
+    results = [_steps_one_device(run, model_dir, [{k: v.reshape(micro, -1, v.shape[-1]) for k, v in batch.items()}],
+                                 micro) for micro in (4, 1)]
+    _same_step(*results, grad_norm_rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["mft", "fft"])
@@ -163,24 +178,12 @@ def test_loss_chunk_step_equals_full_logits_step(tiny, mode):
     """model.loss_chunk (head and cross-entropy 5 positions at a time, 16 per row) gives the same step."""
     root, model_dir = tiny
     cfg = convert.load_config(model_dir)
-    batch = _batches(cfg, 1, 2, 8, 16)[0]
-    results = []
-    for chunk in (0, 5):
-        run = make_run(root, model_dir, optim={"lr": 1e-3}, train={"mode": mode, "batch_size": 16,
-                                                                    "micro_batch_size": 8},
-                       model={"path": str(model_dir), "compute_dtype": "float32", "loss_chunk": chunk})
-        mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
-        shardings = sharding.param_shardings(cfg, mesh)
-        _, params = convert.load_hf(model_dir, shardings=shardings)
-        setup = train.Setup(run, cfg, mesh, shardings, total_steps=1, micro_batches=2)
-        with sharding.axis_rules(), jax.set_mesh(mesh):
-            state = setup.init_state(params, jax.random.key(0))
-            state, metrics = setup.jit_step(params)(params, state, train.global_batch(batch, mesh))
-        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), state["trainable"]))
-    assert abs(results[0][0] - results[1][0]) < 1e-6
-    assert abs(results[0][1] - results[1][1]) < 1e-5 * results[0][1]
-    for a, b in zip(jax.tree.leaves(results[0][2]), jax.tree.leaves(results[1][2])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    batches = _batches(cfg, 1, 2, 8, 16)
+    results = [_steps_one_device(make_run(root, model_dir, optim={"lr": 1e-3},
+                                          train={"mode": mode, "batch_size": 16, "micro_batch_size": 8},
+                                          model={"path": str(model_dir), "compute_dtype": "float32",
+                                                 "loss_chunk": chunk}), model_dir, batches, 2) for chunk in (5, 0)]
+    _same_step(*results, grad_norm_rtol=1e-5)
 
 
 def test_global_mode_steps(tiny):
@@ -189,15 +192,7 @@ def test_global_mode_steps(tiny):
     cfg = convert.load_config(model_dir)
     run = make_run(root, model_dir, optim={"lr": 1e-2},
                    mask={"mode": "global", "modules": "attn", "masked_layers": [], "threshold_attn": 0.01})
-    mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
-    shardings = sharding.param_shardings(cfg, mesh)
-    _, params = convert.load_hf(model_dir, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=2, micro_batches=2)
-    with sharding.axis_rules(), jax.set_mesh(mesh):
-        state = setup.init_state(params, jax.random.key(0))
-        step = setup.jit_step(params)
-        for batch in _batches(cfg, 2, 2, 8, 16):
-            state, metrics = step(params, state, train.global_batch(batch, mesh))
+    state, (_, metrics) = _steps_one_device(run, model_dir, _batches(cfg, 2, 2, 8, 16), 2)
     assert bool(metrics["finite"]) and state["mask_cuts"].shape == (0,)
     scores, masks = masking.flatten(state["trainable"]), masking.flatten(state["masks"])
     assert len(scores) == 4 * cfg.num_hidden_layers and set(scores) == set(masks)
