@@ -7,6 +7,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,9 +18,11 @@ import pytest
 
 from mft_jax.config import DataConfig
 from mft_jax.data import sources
-from mft_jax.data import (DataError, DroppedExample, add_data_commands, build_dataset, format_tulu, load_tokenizer,
-                          make_loader, to_global_batch, tokenize_example, train_bpe_tokenizer)
-from data_fixtures import make_rows, tokenizer_corpus, write_jsonl
+from mft_jax.data import (TULU_CHAT_TEMPLATE, DataError, DroppedExample, add_data_commands, build_dataset, check_drops,
+                          detect_schema, format_tulu, load_tokenizer, make_loader, parse_hub_name, row_to_messages,
+                          to_global_batch, tokenize_example, train_bpe_tokenizer)
+from data_fixtures import SCHEMA_CASES, lossy_rows, make_rows, tokenizer_corpus, write_jsonl
+from tolerances import assert_close, forward_length, gamma, mean_nll_bound, rounding_bound
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +33,10 @@ CHAT = [
     {"role": "user", "content": "And four plus four?"},
     {"role": "assistant", "content": " Eight. "},
 ]
-CHAT_TEXT = ("<|system|>\nYou are terse.\n<|user|>\nWhat is two plus three?\n<|assistant|>\nFive.</s>\n"
-             "<|user|>\nAnd four plus four?\n<|assistant|>\nEight.</s>")
+# The reference's tulu rendering: contents verbatim (not stripped), "\n" after system / user turns and after
+# every assistant turn but the last.
+CHAT_TEXT = ("<|system|>\nYou are terse. \n<|user|>\nWhat is two plus three?\n<|assistant|>\nFive.</s>\n"
+             "<|user|>\nAnd four plus four?\n<|assistant|>\n Eight. </s>")
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +55,10 @@ def corpus(tmp_path_factory, tok_dir):
     root = tmp_path_factory.mktemp("corpus")
     rows = make_rows(120, max_words=25)
     bad = [{"messages": []}, {"messages": [{"role": "user", "content": "only a question"}]},
-           {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]}]
+           {"text": "no schema"}]
     path = write_jsonl(root / "train.jsonl", rows[:60] + bad + rows[60:])
     cfg = DataConfig(train={str(path): None}, tokenizer=str(tok_dir), max_seq_length=96, cache_dir=str(root / "c"),
-                     shuffle=True, seed=7)
+                     shuffle=True, seed=7, max_drop_fraction=0.03)
     info = build_dataset(cfg)
     return cfg, info, rows
 
@@ -93,12 +98,16 @@ def test_train_bpe_tokenizer_is_fast_and_loads(tmp_path):
     assert len(hf) <= 500
     assert encode(hf, "<|user|>\n</s>") == [4, encode(hf, "\n")[0], 2]
     assert hf.apply_chat_template(CHAT, tokenize=False) == CHAT_TEXT
+    assert hf.chat_template == TULU_CHAT_TEMPLATE
 
 
 def test_tulu_text_is_exact():
     assert format_tulu(CHAT) == CHAT_TEXT
     assert format_tulu(CHAT[:2], add_generation_prompt=True) == (
-        "<|system|>\nYou are terse.\n<|user|>\nWhat is two plus three?\n<|assistant|>\n")
+        "<|system|>\nYou are terse. \n<|user|>\nWhat is two plus three?\n<|assistant|>\n")
+    # After an assistant turn that ends the prefix, the generation prompt follows its EOS directly.
+    assert format_tulu(CHAT[:3], add_generation_prompt=True).endswith("Five.</s><|assistant|>\n")
+    assert format_tulu([], add_generation_prompt=True) == ""
 
 
 def test_tulu_ids_and_labels_are_exact(tok):
@@ -111,17 +120,17 @@ def test_tulu_ids_and_labels_are_exact(tok):
     tag = {role: tok.convert_tokens_to_ids(f"<|{role}|>") for role in ("system", "user", "assistant")}
     expected_ids, expected_labels = [], []
     for i, message in enumerate(CHAT):
-        prompt = ([] if i == 0 else nl) + [tag[message["role"]]] + nl
-        answer = encode(tok, message["content"].strip())
-        if message["role"] == "assistant":
-            expected_ids += prompt + answer + eos
-            expected_labels += [False] * len(prompt) + [True] * (len(answer) + 1)
+        head, body = [tag[message["role"]]] + nl, encode(tok, message["content"])
+        if message["role"] == "assistant":  # content + EOS are targets; the "\n" after the EOS is not
+            tail = [] if i == len(CHAT) - 1 else nl
+            expected_ids += head + body + eos + tail
+            expected_labels += [False] * len(head) + [True] * (len(body) + 1) + [False] * len(tail)
         else:
-            expected_ids += prompt + answer
-            expected_labels += [False] * (len(prompt) + len(answer))
+            expected_ids += head + body + nl
+            expected_labels += [False] * (len(head) + len(body) + 1)
     assert ids_N.tolist() == expected_ids
     assert labels_N.tolist() == expected_labels
-    assert tok.decode(ids_N[labels_N].tolist()) == "Five.</s>Eight.</s>"
+    assert tok.decode(ids_N[labels_N].tolist()) == "Five.</s> Eight. </s>"
     # No BOS by default; with add_bos the BOS is prepended and unsupervised.
     assert ids_N[0] == tag["system"]
     bos_ids, bos_labels = tokenize_example(CHAT, tok, add_bos=True)
@@ -144,35 +153,56 @@ def test_plain_prompt_completion(tok):
     assert labels_N.tolist() == [False] * len(prompt) + [True] * (len(answer) + 1)
     # The same row in tulu: user prompt, assistant completion.
     ids_N, labels_N = tokenize_example(row, tok)
-    assert tok.decode(ids_N.tolist()) == "<|user|>\nWhat is two plus three?\n<|assistant|>\nfive</s>"
+    assert tok.decode(ids_N.tolist()) == "<|user|>\nWhat is two plus three?\n\n<|assistant|>\nfive</s>"
     assert tok.decode(ids_N[labels_N].tolist()) == "five</s>"
 
 
 def test_truncation_and_drops(tok):
     ids_N, labels_N = tokenize_example(CHAT, tok)
     full = len(ids_N)
-    # Cut inside the second answer: kept, cut at max_seq_length, labels are the prefix of the full labels.
-    cut = full - 2
-    cut_ids, cut_labels = tokenize_example(CHAT, tok, max_seq_length=cut)
-    assert cut_ids.tolist() == ids_N[:cut].tolist() and cut_labels.tolist() == labels_N[:cut].tolist()
+    # Cut inside the second answer, or inside the second user turn: kept, cut at max_seq_length, labels are the
+    # prefix of the full labels.
+    second_user = np.flatnonzero(ids_N == tok.convert_tokens_to_ids("<|user|>"))[1]
+    for cut in (full - 2, second_user + 3):
+        cut_ids, cut_labels = tokenize_example(CHAT, tok, max_seq_length=cut)
+        assert cut_ids.tolist() == ids_N[:cut].tolist() and cut_labels.tolist() == labels_N[:cut].tolist()
     # Cut before the first answer: nothing left to learn, dropped.
     first_label = int(np.argmax(labels_N))
     with pytest.raises(DroppedExample) as e:
         tokenize_example(CHAT, tok, max_seq_length=first_label)
     assert e.value.reason == "no_labels_after_truncation"
+    # Empty assistant content is kept, as in the reference: the EOS (and any whitespace) is the target.
+    for content in ("", " "):
+        ids_N, labels_N = tokenize_example([{"role": "user", "content": ""},
+                                            {"role": "assistant", "content": content}], tok)
+        assert tok.decode(ids_N[labels_N].tolist()) == content + "</s>"
     cases = {
-        "empty": [[], [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}]],
-        "no_assistant": [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-                         [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]],
-        "unknown_role": [[{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]],
-        "malformed": [{"text": "no chat here"}, {"messages": "not a list"},
-                      [{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "y"}]],
+        "empty": [[], {"messages": []}, {"conversations": []}],
+        "no_assistant": [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]],
+        "unknown_role": [[{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}],
+                         {"conversations": [{"from": "function", "value": "x"}, {"from": "gpt", "value": "y"}]}],
+        "malformed": [{"text": "no chat here"}, {"messages": "not a list"}, {"chosen": "a string"},
+                      {"prompt": ["not", "turns"], "completion": "c"}, {"instruction": 3, "output": "o"},
+                      [{"role": "user", "content": ["a", "list"]}, {"role": "assistant", "content": "y"}],
+                      [{"content": "no role"}, {"role": "assistant", "content": "y"}]],
     }
     for reason, examples in cases.items():
         for example in examples:
             with pytest.raises(DroppedExample) as e:
                 tokenize_example(example, tok)
             assert e.value.reason == reason, example
+
+
+@pytest.mark.parametrize("schema, row, messages", SCHEMA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SCHEMA_CASES)])
+def test_schema_rows_convert_to_messages(schema, row, messages):
+    assert detect_schema(row) == schema
+    assert row_to_messages(row) == messages
+
+
+def test_unknown_schema_names_the_keys_found():
+    with pytest.raises(DroppedExample, match=r"row keys \['answer', 'text'\] match no schema.*messages.*conversations"):
+        row_to_messages({"text": "t", "answer": "a"})
+    assert detect_schema({"messages": None, "prompt": None}) is None
 
 
 def test_missing_tokenizer_dir_names_it_and_the_fix(tmp_path):
@@ -190,7 +220,10 @@ def test_missing_tokenizer_dir_names_it_and_the_fix(tmp_path):
 def test_build_counts_drops_and_reuses_cache(corpus, tok, tok_dir):
     cfg, info, rows = corpus
     assert info.num_examples == 120 and info.num_dropped == 3
-    assert info.dropped == {"empty": 1, "no_assistant": 2}
+    assert info.dropped == {"empty": 1, "no_assistant": 1, "malformed": 1}
+    (stats,) = info.source_stats
+    assert (stats.rows_read, stats.rows_taken, stats.kept, stats.dropped) == (123, 123, 120, info.dropped)
+    assert stats.first_drop["malformed"].startswith("row 62: row keys ['text'] match no schema")
     stored = records(info)
     # Stored in file order (no sampling), each record exactly tokenize_example's output.
     for (ids_N, labels_N), row in zip(stored, rows):
@@ -201,6 +234,7 @@ def test_build_counts_drops_and_reuses_cache(corpus, tok, tok_dir):
     assert info.num_tokens == sum(len(r[0]) for r in stored)
     assert info.num_label_tokens == sum(int(r[1].sum()) for r in stored)
     assert info.num_truncated == sum(len(tokenize_example(r, tok, max_seq_length=10_000)[0]) > 96 for r in rows) > 0
+    assert stats.truncated == info.num_truncated
     again = build_dataset(cfg)
     assert again.reused and again.path == info.path
     # Anything in the key changes the cache directory.
@@ -267,13 +301,135 @@ def test_bad_sources_fail_clearly(tmp_path, tok_dir, monkeypatch):
             build_dataset(cfg({"allenai/some-dataset": 10}))
     assert time.perf_counter() - start < 5
     hopeless = write_jsonl(tmp_path / "hopeless.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
-    with pytest.raises(DataError, match="all 3 rows were dropped: 3 no_assistant"):
+    with pytest.raises(DataError, match=r"source '.*hopeless\.jsonl': 3 of 3 rows taken \(100\.0%\) were dropped.*"
+                                        r"3 no_assistant.*give every row an assistant turn"):
         build_dataset(cfg({str(hopeless): None}))
+    with pytest.raises(DataError, match=r"all 3 rows were dropped \(no_assistant 3; first: '.*hopeless\.jsonl' row 0"):
+        build_dataset(cfg({str(hopeless): None}, max_drop_fraction=1.0))
     long = write_jsonl(tmp_path / "long.jsonl", make_rows(4, max_words=200))
-    with pytest.raises(DataError, match="no_labels_after_truncation"):
+    with pytest.raises(DataError, match=r"no_labels_after_truncation.*raise data\.max_seq_length \(now 8\)"):
         build_dataset(cfg({str(long): None}, max_seq_length=8))
+    schemaless = write_jsonl(tmp_path / "schemaless.jsonl", [{"text": "a", "label": 1}] * 5)
+    with pytest.raises(DataError, match=r"5 malformed.*first: row 0: row keys \['label', 'text'\] match no schema"):
+        build_dataset(cfg({str(schemaless): None}))
+    with pytest.raises(DataError, match="write a hub dataset as org/name, org/name:split or org/name:config:split"):
+        build_dataset(cfg({"org/name:a:b:c": None}))
     with pytest.raises(DataError, match="data.dev lists no sources"):
         build_dataset(cfg({str(small): None}), split="dev")
+
+
+def test_hub_names_with_config_and_split():
+    assert parse_hub_name("org/name") == ("org/name", None, "train")
+    assert parse_hub_name("org/name:test") == ("org/name", None, "test")
+    assert parse_hub_name("org/name:main:validation") == ("org/name", "main", "validation")
+    assert parse_hub_name("org/name::test") == ("org/name", None, "test")
+    for bad in ("org/name:", ":train", "org/name:a:", "org/name:a:b:c"):
+        with pytest.raises(DataError, match="org/name:config:split"):
+            parse_hub_name(bad)
+    # The config and split are part of the cache key (a hub name is not read to compute it).
+    assert (sources.source_fingerprint("org/name") == sources.source_fingerprint("org/name:train")
+            != sources.source_fingerprint("org/name:c:train"))
+
+
+def table_cells(out: str, source: str) -> list[str]:
+    """The cells after `source` on its line of a printed per-source table."""
+    line = next(line for line in out.splitlines() if line.startswith(f"{source} "))
+    return line[len(source):].split()
+
+
+def test_hub_source_reads_config_and_split(tmp_path, tok_dir, monkeypatch):
+    """A hub name goes to datasets.load_dataset(name, config, split=...); the mixer selects from it like a file."""
+    datasets = pytest.importorskip("datasets")
+    rows = make_rows(12, tag="hub")
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    local = write_jsonl(tmp_path / "copy.jsonl", rows)
+    hub_cfg = DataConfig(train={"org/name:sub:test": 5}, tokenizer=str(tok_dir), cache_dir=str(tmp_path / "c"))
+    local_cfg = DataConfig(**{**vars(hub_cfg), "train": {str(local): 5}})
+    hub, copy = build_dataset(hub_cfg), build_dataset(local_cfg)
+    assert calls == [("org/name", "sub", "test")]
+    assert [r[0].tolist() for r in records(hub)] == [r[0].tolist() for r in records(copy)]
+    assert [(s.rows_read, s.rows_taken) for s in hub.source_stats] == [(12, 5)]
+
+
+def test_max_drop_fraction_is_validated():
+    from mft_jax.config import ConfigError
+
+    DataConfig(max_drop_fraction=0).validate()
+    for bad in (-0.1, 1.5, "1%"):
+        with pytest.raises(ConfigError, match="data.max_drop_fraction must be a number in \\[0, 1\\]"):
+            DataConfig(max_drop_fraction=bad).validate()
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_source_losing_two_percent_fails_and_writes_nothing(tmp_path, tok_dir, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", make_rows(50, tag="good"))
+    lossy = write_jsonl(tmp_path / "lossy.jsonl", lossy_rows(100, 2))  # 2 of 100 rows dropped (no_assistant)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "keep.txt").write_text("not ours")
+    cfg = DataConfig(train={str(good): None, str(lossy): 100}, tokenizer=str(tok_dir), cache_dir=str(cache))
+    expected = (rf"data\.train source '{re.escape(str(lossy))}': 2 of 100 rows taken \(2\.0%\) were dropped, more "
+                rf"than data\.max_drop_fraction=0\.01; 2 no_assistant \(.*first: row \d+: roles \['user'\]\); "
+                rf"give every row an assistant turn, or set data\.max_drop_fraction=0\.02 to accept the loss$")
+    with pytest.raises(DataError, match=expected):
+        build_dataset(cfg, verbose=True)
+    table = capsys.readouterr().out
+    assert "data.train per source:" in table
+    assert table_cells(table, str(good)) == ["50", "50", "50", "0", "0", "-"]
+    assert table_cells(table, str(lossy)) == ["100", "100", "98", "2", "0", "no_assistant", "2"]
+    with pytest.raises(DataError, match=expected):
+        make_loader(cfg, None, "train", 4, process_index=0, process_count=1)
+    # Nothing was written (TFDS removed its temporary directory), and nothing else was touched.
+    assert _files_under(cache) == [cache / "keep.txt"] and (cache / "keep.txt").read_text() == "not ours"
+    # Accepting the loss builds it; the fraction is not part of the cache key, so a stricter setting fails the
+    # cache hit, and the table is printed on a hit too.
+    accepted = DataConfig(**{**vars(cfg), "max_drop_fraction": 0.02})
+    info = build_dataset(accepted)
+    assert info.num_examples == 148 and not info.reused
+    assert [(s.source, s.rows_read, s.rows_taken, s.kept, s.dropped) for s in info.source_stats] == [
+        (str(good), 50, 50, 50, {}), (str(lossy), 100, 100, 98, {"no_assistant": 2})]
+    assert build_dataset(DataConfig(**{**vars(cfg), "max_drop_fraction": 0.5}), verbose=True).reused
+    out = capsys.readouterr().out
+    assert "reused" in out and table_cells(out, "total") == ["150", "150", "148", "2", "0"]
+    assert table_cells(out, str(lossy)) == ["100", "100", "98", "2", "0", "no_assistant", "2"]
+    with pytest.raises(DataError, match=expected):
+        build_dataset(cfg)
+    with pytest.raises(DataError, match=expected):
+        check_drops(info.source_stats, 0.01, "train")
+    check_drops(info.source_stats, 0.02, "train")  # exactly at the limit passes
+
+
+def test_failed_build_leaves_no_dataset(tmp_path, tok_dir, monkeypatch):
+    from mft_jax.data import formatting
+
+    path = write_jsonl(tmp_path / "a.jsonl", make_rows(40))
+    cache = tmp_path / "cache"
+    cfg = DataConfig(train={str(path): None}, tokenizer=str(tok_dir), cache_dir=str(cache))
+    real = formatting.tokenize_rows
+
+    def crash_midway(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 25:
+                raise RuntimeError("disk on fire")
+            yield item
+
+    monkeypatch.setattr(formatting, "tokenize_rows", crash_midway)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        build_dataset(cfg)
+    assert _files_under(cache) == []
+    monkeypatch.setattr(formatting, "tokenize_rows", real)
+    info = build_dataset(cfg)
+    assert not info.reused and info.num_examples == 40
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,7 +451,8 @@ def test_padded_batch_layout(corpus, reduction):
         np.testing.assert_array_equal(batch["inputs"][r, :n], ids_N)
         np.testing.assert_array_equal(batch["targets"][r, :n - 1], ids_N[1:])
         want_w = labels_N[1:] / (labels_N[1:].sum() if reduction == "example" else 1.0)
-        np.testing.assert_allclose(batch["loss_weights"][r, :n - 1], want_w, rtol=1e-6)
+        # exact: 1 / count rounds once to float32 (float64 first, then float32, rounds the same: 53 >= 2 * 24 + 2)
+        np.testing.assert_array_equal(batch["loss_weights"][r, :n - 1], want_w.astype(np.float32))
         np.testing.assert_array_equal(batch["positions"][r, :n], np.arange(n))
         np.testing.assert_array_equal(batch["segment_ids"][r, :n], 1)
         for key in ("inputs", "targets", "loss_weights", "positions", "segment_ids"):
@@ -323,7 +480,8 @@ def test_packed_epochs_cover_every_document_once(corpus):
                 for segment in range(1, int(segments_L.max(initial=0)) + 1):
                     where = np.flatnonzero(segments_L == segment)
                     np.testing.assert_array_equal(positions_L[where], np.arange(len(where)))
-                    np.testing.assert_allclose(weights_L[where].sum(), 1.0, rtol=1e-5)
+                    # count copies of float32(1 / count) (each off by <= u), summed in float32: gamma_n
+                    assert abs(float(weights_L[where].sum()) - 1.0) <= gamma(len(where))
                     assert weights_L[where[-1]] == 0  # a document's last token predicts nothing
         assert collections.Counter(docs) == everything
         epochs.append(docs)
@@ -374,8 +532,10 @@ def test_packed_logits_and_loss_equal_unpacked(corpus):
         return np.asarray(forward(llama, params, *(jnp.asarray(b[k]) for k in ("inputs", "positions", "segment_ids"))))
 
     packed_BxLxV, unpacked_DxLxV = logits(packed), logits(unpacked)
+    # other rows around each document: the attention sums (over 96 keys, others' exactly 0) and matmuls reorder
+    logits_bound = rounding_bound(forward_length(llama, 96), np.abs(unpacked_DxLxV).max())
     for d, (b, where, _, _) in enumerate(docs):
-        np.testing.assert_allclose(packed_BxLxV[b, where], unpacked_DxLxV[d, :len(where)], atol=2e-5, rtol=1e-5)
+        assert_close(packed_BxLxV[b, where], unpacked_DxLxV[d, :len(where)], logits_bound, f"document {d}")
 
     def weighted_nll(logits_BxLxV, b):
         logp_BxLxV = logits_BxLxV - logits_BxLxV.max(-1, keepdims=True)
@@ -385,8 +545,11 @@ def test_packed_logits_and_loss_equal_unpacked(corpus):
 
     packed_loss = weighted_nll(packed_BxLxV, packed).sum() / packed["loss_weights"].sum()
     per_example_means = weighted_nll(unpacked_DxLxV, unpacked).sum(-1)  # example weights: each row's mean
-    np.testing.assert_allclose(unpacked["loss_weights"].sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(packed_loss, per_example_means.mean(), rtol=1e-5)
+    labelled = (unpacked["loss_weights"] > 0).sum(-1)  # copies of float32(1 / count), summed in float32
+    assert (np.abs(unpacked["loss_weights"].sum(-1) - 1.0) <= [gamma(c) for c in labelled]).all()
+    # the NLLs move with the logits, then the weighted sums over the 2 x 96 positions run in other orders
+    bound = mean_nll_bound(logits_bound, np.abs(unpacked_DxLxV).max(), vocab, packed["inputs"].size, packed_loss)
+    assert_close(packed_loss, per_example_means.mean(), bound, "loss")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -498,7 +661,7 @@ def test_cli_build_and_inspect(tmp_path, tok_dir, capsys):
     dev = write_jsonl(tmp_path / "dev.jsonl", make_rows(5, seed=9, tag="dev"))
     config = {"model": {"path": str(tok_dir)}, "mask": {"masked_layers": [0]},
               "data": {"train": {str(train): None}, "dev": {str(dev): None}, "max_seq_length": 128,
-                       "cache_dir": str(tmp_path / "cache")}}
+                       "cache_dir": str(tmp_path / "cache"), "max_drop_fraction": 0.05}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     parser = argparse.ArgumentParser(prog="mft-jax")
     add_data_commands(parser.add_subparsers(dest="command"))
@@ -507,6 +670,8 @@ def test_cli_build_and_inspect(tmp_path, tok_dir, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "train: 20 examples" in out and "1 dropped (empty 1)" in out and "dev: 5 examples" in out
+    assert "data.train per source:" in out and "data.dev per source:" in out
+    assert table_cells(out, str(train)) == ["21", "21", "20", "1", "0", "empty", "1"]
 
     args = parser.parse_args(["data", "inspect", "--config", str(tmp_path / "run.yaml"), "--split", "dev",
                               "--set", "data.packing=true"])

@@ -82,7 +82,7 @@ def inspect_report(info: store.DatasetInfo, tokenizer, index: int = 0, packing: 
     packed_rows = len(plan_rows(info.lengths, seq_len, True, 0, True)[0]) - 1
     lines = [
         info.summary(),
-        "sources: " + ", ".join(f"{source} ({rows} rows)" for source, rows in info.sources),
+        info.table(),
         f"settings: template {info.settings['template']}, max_seq_length {seq_len}, add_bos "
         f"{info.settings['add_bos']}, tokenizer {info.settings['tokenizer']}",
         "tokens per example: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"

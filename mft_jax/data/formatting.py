@@ -1,19 +1,30 @@
-"""Chat formatting and tokenization: rows -> (token ids, label mask), plus tokenizer loading and training.
+"""Chat formatting and tokenization: conversations -> (token ids, supervised-target mask), as the reference.
 
 Templates (`data.template`):
-- `tulu` (the default, ../shared/docs/MFT.md "Chat format"): `<|system|>\\n{c}`, `<|user|>\\n{c}`,
-  `<|assistant|>\\n{c}{eos}`, turns joined by `\\n`. As in the reference (open-instruct's
-  `encode_with_messages_format`) each content is `.strip()`ped; no BOS unless `add_bos`.
-- `chat_template`: the tokenizer's own jinja `chat_template`.
-- `plain`: the contents concatenated verbatim (prompt + completion + EOS); no role markers.
+- `tulu` (the default, ../shared/docs/MFT.md "Chat format"): the reference's tulu jinja, rendered in Python.
+  System and user turns are `<|system|>\\n{c}\\n` / `<|user|>\\n{c}\\n`; an assistant turn is
+  `<|assistant|>\\n{c}{eos}`, followed by `\\n` unless it is the last message; the generation prompt is
+  `<|assistant|>\\n` (after a non-empty conversation). Contents are not stripped. `TULU_CHAT_TEMPLATE` is the
+  same format as a jinja template (written into the tokenizers we train) and renders identically.
+- `chat_template`: the tokenizer's own jinja `chat_template` (`apply_chat_template`).
+- `plain`: the contents concatenated verbatim, each assistant content followed by EOS; no role markers.
+With `add_bos` the BOS token's text is prepended to every rendering, as the reference prepends
+`{{ bos_token }}` to its template; otherwise there is no BOS.
 
-How labels are made exact: the whole example is rendered to one string while recording the character spans
-that are supervised (each assistant content plus its EOS). The string is tokenized once (so the ids are exactly
-what the tokenizer gives for the full text, as in the reference), and a token is supervised iff its first
-character lies inside a supervised span. A token that straddles the prompt/answer boundary therefore counts as
-prompt. The reference instead tokenizes growing prefixes and masks the first len(prefix ids) positions, which is
-off by the straddling tokens whenever the tokenizer merges across a boundary; the two agree whenever it does not
-(the usual case: tulu turns meet at special tokens and newlines).
+Labels are computed exactly as the reference's `encode_sft_example`: the full conversation is rendered and
+tokenized (no special tokens added, cut at max_seq_length), then every non-assistant message i is masked from
+its start, the token count of the rendering of messages[:i] (0 for i = 0), to its end, the token count of the
+rendering of messages[:i + 1], with the generation prompt when an assistant message follows (each count cut at
+max_seq_length; masking stops after the first message whose end reaches max_seq_length). Everything else is a
+target: each assistant content and its EOS, and, where two assistant turns meet, the header between them. We
+tokenize those prefixes too (batched in the Rust encoder), so the counts are the tokenizer's own, also where it
+merges across a turn boundary. Differences from the reference's output: position 0 is never a target here (no
+position predicts it; the reference's shifted loss ignores it too), and an example whose only targets would be
+position 0 is dropped rather than kept with zero loss.
+
+Empty assistant content is kept, as in the reference: the example teaches the EOS. An example is dropped
+(`DroppedExample`, counted per source) when it has no messages, an unknown role, no assistant turn, or no target
+left within max_seq_length.
 """
 
 from __future__ import annotations
@@ -22,47 +33,31 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from mft_jax.data.schemas import DroppedExample, row_to_messages
 from mft_jax.data.sources import DataError
 
 TEMPLATES = ("tulu", "chat_template", "plain")
-ROLES = ("system", "user", "assistant")
-TULU_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 TULU_GENERATION_PROMPT = "<|assistant|>\n"
 
-# The tulu format as a jinja chat template: identical text to `format_tulu` (the separator "\n" is written
-# before every turn but the first, so the text of a conversation prefix is a prefix of the full text).
+# The tulu format as a jinja chat template (the reference's format, written our way); renders exactly as
+# `format_tulu`, including the generation prompt and the missing "\n" after the last assistant turn.
 TULU_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ '\\n' }}{% endif -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] | trim }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] | trim }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' + message['content'] | trim + eos_token }}"
-    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- set role = message['role'] -%}"
+    "{%- if role == 'system' or role == 'user' -%}{{ '<|' + role + '|>\\n' + message['content'] + '\\n' }}"
+    "{%- elif role == 'assistant' -%}{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
+    "{{- '' if loop.last else '\\n' }}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + role) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif -%}"
+    "{%- if messages and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif -%}"
 )
 
-# Why an example was dropped (counted in the dataset stats, never raised).
-DROP_REASONS = {
-    "empty": "no messages, or every content empty",
-    "no_assistant": "no assistant turn with content (entirely prompt)",
-    "unknown_role": "a role other than system / user / assistant",
-    "malformed": "neither messages (list of {role, content}) nor prompt/completion strings",
-    "no_labels_after_truncation": "no supervised token left within max_seq_length",
-}
-
-
-class DroppedExample(DataError):
-    """An example that cannot be trained on; `reason` is a key of `DROP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        super().__init__(f"example dropped ({reason}): {DROP_REASONS[reason]}{': ' + detail if detail else ''}")
+Renderer = Callable[[Sequence[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +84,7 @@ def load_tokenizer(path: str | os.PathLike | None):
                         f"{fix}") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise DataError(f"tokenizer in {str(path)!r} is not a fast (tokenizers) tokenizer; mft_jax needs "
-                        f"tokenizer.json for exact character offsets")
+                        f"tokenizer.json (save the tokenizer with transformers to write one)")
     if tokenizer.eos_token is None:
         raise DataError(f"tokenizer in {str(path)!r} has no eos_token; set eos_token in tokenizer_config.json")
     return tokenizer
@@ -152,144 +147,79 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rows -> messages -> text with supervised character spans
+# Conversations -> text
 # ----------------------------------------------------------------------------------------------------------
-
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "system": "system"}
-
-
-def row_format(row: dict) -> str | None:
-    """Which row layout `row` has: "messages", "conversations" (ShareGPT), "prompt_completion" or None."""
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "conversations"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    return None
-
-
-def row_to_messages(row: dict) -> list[dict]:
-    """A row in any supported layout -> [{"role", "content"}], validated; raises `DroppedExample`."""
-    layout = row_format(row)
-    if layout == "messages":
-        raw = row["messages"]
-    elif layout == "conversations":
-        raw = row["conversations"]
-        if isinstance(raw, list):
-            raw = [{"role": _SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), "content": turn.get("value")}
-                   if isinstance(turn, dict) else turn for turn in raw]
-    elif layout == "prompt_completion":
-        # Strings (plain prompt / completion) or lists of messages (conversational prompt-completion).
-        prompt, completion = row["prompt"], row["completion"]
-        raw = ((prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
-               + (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]))
-    else:
-        raise DroppedExample("malformed", f"keys {sorted(row)}")
-    if not isinstance(raw, list):
-        raise DroppedExample("malformed", f"{layout} is a {type(raw).__name__}, not a list")
-    messages = []
-    for turn in raw:
-        if not isinstance(turn, dict) or "role" not in turn:
-            raise DroppedExample("malformed", f"turn {turn!r:.80}")
-        content = turn.get("content")
-        content = "" if content is None else content
-        if not isinstance(content, str):
-            raise DroppedExample("malformed", f"content of type {type(content).__name__}")
-        if turn["role"] not in ROLES:
-            raise DroppedExample("unknown_role", repr(turn["role"]))
-        messages.append({"role": turn["role"], "content": content})
-    if not messages or not any(m["content"].strip() for m in messages):
-        raise DroppedExample("empty")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DroppedExample("no_assistant")
-    return messages
-
 
 def format_tulu(messages: Sequence[dict], eos_token: str = "</s>", *,
                 add_generation_prompt: bool = False) -> str:
-    """The tulu text of a conversation (no BOS). `add_generation_prompt` appends `\\n<|assistant|>\\n`."""
-    return _render_tulu(messages, eos_token, add_generation_prompt)[0]
-
-
-def _render_tulu(messages, eos_token, add_generation_prompt=False) -> tuple[str, list[tuple[int, int]]]:
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    length = 0
+    """The tulu text of a conversation (no BOS), exactly as the reference's template renders it."""
+    parts = []
+    last = len(messages) - 1
     for i, message in enumerate(messages):
-        if message["role"] not in TULU_TAGS:
-            raise DroppedExample("unknown_role", repr(message["role"]))
-        head = ("\n" if i else "") + TULU_TAGS[message["role"]]
-        body = message["content"].strip()
-        if message["role"] == "assistant":
-            body += eos_token
-            spans.append((length + len(head), length + len(head) + len(body)))
-        parts += [head, body]
-        length += len(head) + len(body)
-    if add_generation_prompt:
-        parts.append(("\n" if messages else "") + TULU_GENERATION_PROMPT)
-    return "".join(parts), spans
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            parts.append(f"<|assistant|>\n{content}{eos_token}" + ("" if i == last else "\n"))
+        elif role in ("system", "user"):
+            parts.append(f"<|{role}|>\n{content}\n")
+        else:  # rows are validated first; the reference's template would silently render nothing
+            raise DroppedExample("unknown_role", repr(role))
+    if messages and add_generation_prompt:
+        parts.append(TULU_GENERATION_PROMPT)
+    return "".join(parts)
 
 
-def _render_plain(messages, eos_token) -> tuple[str, list[tuple[int, int]]]:
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    length = 0
-    for message in messages:
-        body = message["content"]
-        if message["role"] == "assistant":
-            body += eos_token
-            spans.append((length, length + len(body)))
-        parts.append(body)
-        length += len(body)
-    return "".join(parts), spans
+def _format_plain(messages: Sequence[dict], eos_token: str) -> str:
+    return "".join(m["content"] + (eos_token if m["role"] == "assistant" else "") for m in messages)
 
 
-def _render_chat_template(messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Renders with the tokenizer's template; an assistant turn's span runs from the end of the rendered prefix
-    (with the generation prompt) to the end of the rendered turn, minus trailing whitespace (the template's
-    turn separator is not something the model needs to emit)."""
-    if not getattr(tokenizer, "chat_template", None):
+def _bos_text(tokenizer, add_bos: bool) -> str:
+    if not add_bos:
+        return ""
+    if tokenizer.bos_token is None:
+        raise DataError("data.add_bos is true but the tokenizer has no bos_token; set data.add_bos: false")
+    return tokenizer.bos_token
+
+
+def _chat_template_renderer(tokenizer, add_bos: bool) -> Renderer:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise DataError("data.template is chat_template but the tokenizer has no chat_template; use tulu or plain")
-
+    if add_bos and (template.startswith("{{ bos_token }}") or template.startswith(str(tokenizer.bos_token))):
+        raise DataError("data.add_bos is true but the tokenizer's chat_template already starts with the BOS; "
+                        "set data.add_bos: false")
     import jinja2
 
-    def render(msgs, generation_prompt=False) -> str:
-        if not msgs and not generation_prompt:
-            return ""
+    bos = _bos_text(tokenizer, add_bos)
+
+    def render(messages, add_generation_prompt):
         try:
-            return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+            return bos + tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                       add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # the template rejects this conversation (e.g. role order)
             raise DroppedExample("malformed", f"chat_template: {e}") from None
-
-    text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1])
-        if not (through.startswith(before) and text.startswith(through)):
-            raise DataError("the tokenizer's chat_template renders a conversation prefix differently from the "
-                            "full conversation (e.g. it rewrites earlier turns), so supervised spans cannot be "
-                            "found; use data.template: tulu or plain")
-        spans.append((len(before), len(through.rstrip())))
-    return text, spans
+    return render
 
 
-def render(messages: Sequence[dict], tokenizer, template: str = "tulu") -> tuple[str, list[tuple[int, int]]]:
-    """(text, supervised character spans [start, end)) of a validated conversation."""
-    if template == "tulu":
-        return _render_tulu(messages, tokenizer.eos_token)
-    if template == "plain":
-        return _render_plain(messages, tokenizer.eos_token)
+def make_renderer(tokenizer, template: str = "tulu", add_bos: bool = False) -> Renderer:
+    """(messages, add_generation_prompt) -> text for `data.template`, with the BOS text when `add_bos`."""
     if template == "chat_template":
-        return _render_chat_template(messages, tokenizer)
+        return _chat_template_renderer(tokenizer, add_bos)
+    bos, eos = _bos_text(tokenizer, add_bos), tokenizer.eos_token
+    if template == "tulu":
+        return lambda messages, gen: bos + format_tulu(messages, eos, add_generation_prompt=gen)
+    if template == "plain":
+        return lambda messages, gen: bos + _format_plain(messages, eos)
     raise DataError(f"data.template is {template!r}; choose one of {list(TEMPLATES)}")
 
 
+def render(messages: Sequence[dict], tokenizer, template: str = "tulu", *, add_bos: bool = False,
+           add_generation_prompt: bool = False) -> str:
+    """The text of a validated conversation in `template` (what gets tokenized)."""
+    return make_renderer(tokenizer, template, add_bos)(messages, add_generation_prompt)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Text -> ids and labels
+# Text -> ids and labels (the reference's encode_sft_example)
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -302,74 +232,120 @@ class Tokenized:
     truncated: bool
 
 
-def _labels_from_offsets(offsets_Nx2: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    starts_N = offsets_Nx2[:, 0] if len(offsets_Nx2) else np.zeros(0, np.int64)
-    labels_N = np.zeros(len(starts_N), bool)
-    for start, end in spans:
-        labels_N |= (starts_N >= start) & (starts_N < end)
-    return labels_N
+def _masked_prefixes(messages: Sequence[dict]) -> list[tuple[tuple[int, bool], tuple[int, bool] | None]]:
+    """Per non-assistant message i: (end prefix, start prefix or None for i = 0), each prefix written as
+    (number of messages, add_generation_prompt): the renderings whose token counts bound what it masks."""
+    out = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            assistant_next = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+            out.append(((i + 1, assistant_next), (i, False) if i else None))
+    return out
 
 
-def _finish(ids: list[int], offsets: list[tuple[int, int]], spans, max_seq_length: int,
-            bos_id: int | None) -> Tokenized:
-    ids_N = np.asarray(ids, np.int32)
-    labels_N = _labels_from_offsets(np.asarray(offsets, np.int64).reshape(-1, 2), spans)
-    if bos_id is not None and (len(ids_N) == 0 or ids_N[0] != bos_id):
-        ids_N = np.concatenate([np.asarray([bos_id], np.int32), ids_N])
-        labels_N = np.concatenate([[False], labels_N])
-    truncated = len(ids_N) > max_seq_length
-    ids_N, labels_N = ids_N[:max_seq_length], labels_N[:max_seq_length]
-    if len(labels_N):
-        labels_N[0] = False  # no position predicts the first token
+@dataclass
+class _Plan:
+    """One example's texts to tokenize: texts[0] is the whole conversation, slots maps each prefix needed for
+    the labels, (messages, add_generation_prompt), to its text."""
+
+    messages: Sequence[dict]
+    texts: list[str]
+    slots: dict[tuple[int, bool], int]
+
+
+def _plan(messages: Sequence[dict], renderer: Renderer, check_prefixes: bool) -> _Plan:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DroppedExample("no_assistant", f"roles {[m['role'] for m in messages]}")
+    texts = [renderer(messages, False)]
+    slots = {(len(messages), False): 0}
+    for bounds in _masked_prefixes(messages):
+        for prefix in bounds:
+            if prefix is not None and prefix not in slots:
+                slots[prefix] = len(texts)
+                texts.append(renderer(messages[:prefix[0]], prefix[1]))
+                if check_prefixes and not texts[0].startswith(texts[-1]):
+                    raise DataError("the tokenizer's chat_template renders a conversation prefix differently from "
+                                    "the full conversation (e.g. it rewrites earlier turns), so the prompt tokens "
+                                    "cannot be masked; use data.template: tulu or plain")
+    return _Plan(messages, texts, slots)
+
+
+def _finish(plan: _Plan, lengths: list[int], full_ids: list[int], max_seq_length: int) -> Tokenized:
+    """Labels from the prefix token counts, exactly as encode_sft_example masks them."""
+    count = {prefix: min(lengths[slot], max_seq_length) for prefix, slot in plan.slots.items()}
+    ids_N = np.asarray(full_ids[:max_seq_length], np.int32)
+    labels_N = np.ones(len(ids_N), bool)
+    for end, start in _masked_prefixes(plan.messages):
+        labels_N[(count[start] if start else 0):count[end]] = False
+        if count[end] >= max_seq_length:
+            break
+    labels_N[:1] = False  # no position predicts the first token
+    truncated = len(full_ids) > max_seq_length
     if not labels_N.any():
-        raise DroppedExample("no_labels_after_truncation", f"{len(ids)} tokens, max_seq_length {max_seq_length}")
+        if truncated:
+            raise DroppedExample("no_labels_after_truncation",
+                                 f"{len(full_ids)} tokens, max_seq_length {max_seq_length}")
+        raise DroppedExample("no_labels", f"{len(full_ids)} tokens")
     return Tokenized(ids_N, labels_N, truncated)
 
 
-def _bos_id(tokenizer, add_bos: bool) -> int | None:
-    if not add_bos:
-        return None
-    if tokenizer.bos_token_id is None:
-        raise DataError("data.add_bos is true but the tokenizer has no bos_token; set add_bos: false")
-    return tokenizer.bos_token_id
+def _plain_backend(tokenizer):
+    """The tokenizer's Rust tokenizer without truncation or padding: transformers leaves them set on it after
+    a call with truncation=True / padding, which would silently cut the texts we count."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def _encode_batch(backend, texts: list[str]) -> list:
+    """Encodings of the texts as `tokenizer(text, add_special_tokens=False)` makes them (what the reference's
+    apply_chat_template tokenizes with), from the Rust batch encoder (parallel; no offsets when it can)."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return encode(texts, add_special_tokens=False)
+
+
+def tokenize_rows(rows: Sequence[dict], tokenizer, template: str, max_seq_length: int, add_bos: bool,
+                  chunk: int = 256) -> Iterator[Tokenized | DroppedExample]:
+    """Tokenizes rows in order, yielding a `Tokenized` or the `DroppedExample` per row. The texts of `chunk`
+    rows (each conversation and the prefixes its labels need) are encoded in one batch call."""
+    renderer = make_renderer(tokenizer, template, add_bos)
+    check_prefixes = template == "chat_template"
+    backend = _plain_backend(tokenizer)
+    for begin in range(0, len(rows), chunk):
+        plans: list[_Plan | DroppedExample] = []
+        for row in rows[begin: begin + chunk]:
+            try:
+                plans.append(_plan(row_to_messages(row), renderer, check_prefixes))
+            except DroppedExample as dropped:
+                plans.append(dropped)
+        texts = [text for plan in plans if isinstance(plan, _Plan) for text in plan.texts]
+        encoded = iter(_encode_batch(backend, texts))
+        for plan in plans:
+            if isinstance(plan, DroppedExample):
+                yield plan
+                continue
+            encodings = [next(encoded) for _ in plan.texts]
+            try:
+                yield _finish(plan, [len(e) for e in encodings], encodings[0].ids, max_seq_length)
+            except DroppedExample as dropped:
+                yield dropped
 
 
 def tokenize_example(messages_or_row, tokenizer, template: str = "tulu", max_seq_length: int = 4096,
                      add_bos: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One conversation (list of {role, content}, or a row dict) -> (ids_N int32, labels_N bool).
+    """One conversation (list of {role, content}, or a row of any schema) -> (ids_N int32, labels_N bool).
 
-    labels_N[t] is True where token t is supervised (assistant content and its EOS). N <= max_seq_length.
+    labels_N[t] is True where token t is a target (see the module docstring). N <= max_seq_length.
     Raises `DroppedExample` (with `.reason`) for examples that must be dropped.
     """
     row = messages_or_row if isinstance(messages_or_row, dict) else {"messages": messages_or_row}
-    messages = row_to_messages(row)
-    text, spans = render(messages, tokenizer, template)
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    out = _finish(encoding.ids, encoding.offsets, spans, max_seq_length, _bos_id(tokenizer, add_bos))
+    (out,) = tokenize_rows([row], tokenizer, template, max_seq_length, add_bos)
+    if isinstance(out, DroppedExample):
+        raise out
     return out.ids_N, out.labels_N
-
-
-def tokenize_rows(rows: Sequence[dict], tokenizer, template: str, max_seq_length: int, add_bos: bool,
-                  chunk: int = 512) -> Iterator[Tokenized | DroppedExample]:
-    """Tokenizes rows in order, yielding a `Tokenized` or the `DroppedExample` per row. Texts are encoded in
-    chunks with the Rust batch encoder (parallel) rather than one call per row."""
-    bos_id = _bos_id(tokenizer, add_bos)
-    backend = tokenizer.backend_tokenizer
-    for begin in range(0, len(rows), chunk):
-        rendered: list[tuple[str, list] | DroppedExample] = []
-        for row in rows[begin: begin + chunk]:
-            try:
-                rendered.append(render(row_to_messages(row), tokenizer, template))
-            except DroppedExample as dropped:
-                rendered.append(dropped)
-        texts = [r[0] for r in rendered if not isinstance(r, DroppedExample)]
-        encodings = iter(backend.encode_batch(texts, add_special_tokens=False))
-        for r in rendered:
-            if isinstance(r, DroppedExample):
-                yield r
-                continue
-            encoding = next(encodings)
-            try:
-                yield _finish(encoding.ids, encoding.offsets, r[1], max_seq_length, bos_id)
-            except DroppedExample as dropped:
-                yield dropped

@@ -268,12 +268,14 @@ class SFTLoader(grain.DatasetIterator):
 def make_loader(data_cfg, tokenizer_path, split: str, batch_size: int, *, seed: int | None = None,
                 shuffle: bool | None = None, num_epochs: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, drop_remainder: bool | None = None,
-                num_workers: int | None = None) -> SFTLoader:
+                num_workers: int | None = None, verbose: bool = False) -> SFTLoader:
     """Builds (or reuses) the split's cache and returns an `SFTLoader` of this process's batches.
 
     batch_size: rows per process. seed/shuffle: data.seed / data.shuffle by default (shuffle off for dev).
     num_epochs None: repeat forever. process_index/process_count: jax.process_index()/process_count() by default.
     drop_remainder: default True for train (every step full), False otherwise (every example seen once).
+    verbose: print the split's summary and per-source table (train passes it on process 0). A source that
+    dropped more than data.max_drop_fraction of its rows raises `DataError` (see `build_dataset`).
     """
     from mft_jax.data.store import build_dataset
 
@@ -282,7 +284,7 @@ def make_loader(data_cfg, tokenizer_path, split: str, batch_size: int, *, seed: 
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    info = build_dataset(data_cfg, tokenizer_path, split)
+    info = build_dataset(data_cfg, tokenizer_path, split, verbose=verbose)
     return SFTLoader(
         info, batch_size=batch_size, seq_len=data_cfg.max_seq_length, packing=data_cfg.packing,
         loss_reduction=data_cfg.loss_reduction, seed=data_cfg.seed if seed is None else seed,

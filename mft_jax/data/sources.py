@@ -1,8 +1,13 @@
 """Reading SFT rows from local files or the Hugging Face hub, and mixing sources (`dataset_mixer`).
 
-A source is a local `.jsonl` / `.json` / `.parquet` file or a Hugging Face dataset name (`org/name`, optionally
-`org/name:split`). A mixer `{source: rows}` takes, from each source, the first `rows` rows after a shuffle seeded
-with `seed` (rows None: every row, in file order) and concatenates the sources in the mixer's order. The shuffle is
+A source is a local `.jsonl` / `.json` / `.parquet` file or a Hugging Face dataset name:
+  org/name                 split "train" (what the reference loads), default config
+  org/name:split           e.g. `allenai/tulu-3-sft-mixture:test`: a single `:` always names the split
+  org/name:config:split    a config (subset) and a split; `org/name::split` is the default config
+Anything that exists as a file, ends in .jsonl / .json / .parquet or starts like a path is a local source.
+
+A mixer `{source: rows}` takes, from each source, the first `rows` rows after a shuffle seeded with `seed`
+(rows None: every row, in file order) and concatenates the sources in the mixer's order. The shuffle is
 `np.random.default_rng(seed).permutation(n)`, the permutation Hugging Face `datasets.Dataset.shuffle(seed=seed)`
 uses, so a local copy of a hub dataset selects the same rows as the reference's
 `dataset.shuffle(seed).select(range(rows))`.
@@ -10,6 +15,7 @@ uses, so a local copy of a hub dataset selects the same rows as the reference's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -42,7 +48,8 @@ def source_fingerprint(source: str) -> dict:
         path = _check_local(source)
         stat = path.stat()
         return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"hub": source}
+    name, config, split = parse_hub_name(source)
+    return {"hub": name, "config": config, "split": split}
 
 
 def _check_local(source: str) -> Path:
@@ -55,20 +62,43 @@ def _check_local(source: str) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class Taken:
+    """What the mixer took from one source: `indices` int64 [rows_taken] are the rows' positions in the source."""
+
+    source: str
+    rows_read: int
+    indices: np.ndarray
+
+
 def read_rows(source: str) -> list[dict]:
     """All rows of one source, as a list of dicts, in file order."""
+    return _select(source, _open(source), None)
+
+
+def _open(source: str):
+    """A sized, indexable collection of the source's rows (a list, or a hub `datasets.Dataset`)."""
     if is_local_source(source):
         path = _check_local(source)
         rows = _read_parquet(path) if path.suffix == ".parquet" else _read_json(path)
     else:
         rows = _read_hub(source)
-    if not rows:
+    if not len(rows):
         raise DataError(f"data source {source!r} has no rows; remove it from the mixer or fix the file")
-    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise DataError(f"data source {source!r}: row {bad} is a {type(rows[bad]).__name__}, not a JSON object "
-                        f"with 'messages' or 'prompt'/'completion'")
     return rows
+
+
+def _select(source: str, rows, indices: np.ndarray | None) -> list[dict]:
+    """rows[indices] (all rows when None) as a list of dicts; a non-object row is an error for the source."""
+    if hasattr(rows, "select"):  # a hub Dataset: materialize only the selected rows
+        return (rows if indices is None else rows.select(indices)).to_list()
+    picked = rows if indices is None else [rows[i] for i in indices]
+    bad = next((i for i, row in enumerate(picked) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise DataError(f"data source {source!r}: row {bad if indices is None else int(indices[bad])} is a "
+                        f"{type(picked[bad]).__name__}, not a JSON object; each row must be an object such as "
+                        f"{{\"messages\": [...]}} (see mft_jax.data.schemas)")
+    return picked
 
 
 def _read_json(path: Path) -> list[Any]:
@@ -120,8 +150,21 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _read_hub(source: str) -> list[dict]:
-    name, _, split = source.partition(":")
+def parse_hub_name(source: str) -> tuple[str, str | None, str]:
+    """`org/name[:split]` or `org/name:config:split` -> (name, config or None, split); split defaults to train."""
+    parts = source.split(":")
+    if len(parts) > 3 or not all(parts[:1] + parts[-1:]) or (len(parts) == 3 and not parts[2]):
+        raise DataError(f"data source {source!r}: write a hub dataset as org/name, org/name:split or "
+                        f"org/name:config:split")
+    if len(parts) == 1:
+        return parts[0], None, "train"
+    if len(parts) == 2:
+        return parts[0], None, parts[1]
+    return parts[0], parts[1] or None, parts[2]
+
+
+def _read_hub(source: str):
+    name, config, split = parse_hub_name(source)
     fix = (f"data source {source!r} is a Hugging Face dataset name: reading it needs the `datasets` package and "
            f"network access (or the dataset in the local Hugging Face cache and HF_DATASETS_OFFLINE=1); "
            f"otherwise save a local copy as .jsonl / .parquet and list that path instead")
@@ -132,14 +175,13 @@ def _read_hub(source: str) -> list[dict]:
     if not _hub_offline() and not _hub_reachable():
         raise DataError(fix + " [the hub is not reachable from this machine]")
     try:
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # unknown name, gated, not cached while offline: all end here
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # unknown name, config or split, gated, not cached while offline: all end here
         raise DataError(f"{fix} [{type(e).__name__}: {e}]") from None
-    return list(dataset)
 
 
-def mix(mixer: dict[str, int | None], seed: int) -> tuple[list[dict], list[tuple[str, int]]]:
-    """Applies a `{source: rows}` mixer. Returns (rows, [(source, rows taken)]) in mixer order.
+def mix(mixer: dict[str, int | None], seed: int) -> tuple[list[dict], list[Taken]]:
+    """Applies a `{source: rows}` mixer. Returns (rows, [Taken per source]) in mixer order.
 
     Each source: all rows in file order when rows is None, else the first `rows` of a seeded permutation.
     Asking for more rows than a source has is an error (the reference's `select` fails the same way).
@@ -147,15 +189,16 @@ def mix(mixer: dict[str, int | None], seed: int) -> tuple[list[dict], list[tuple
     if not mixer:
         raise DataError("the dataset mixer is empty; list at least one source, e.g. data.train: {file.jsonl: null}")
     out: list[dict] = []
-    taken: list[tuple[str, int]] = []
+    taken: list[Taken] = []
     for source, n_rows in mixer.items():
-        rows = read_rows(source)
-        if n_rows is not None:
-            if n_rows > len(rows):
-                raise DataError(f"data source {source!r} has {len(rows)} rows but the mixer asks for {n_rows}; "
-                                f"lower it or use null (all rows)")
-            order = np.random.default_rng(seed).permutation(len(rows))[:n_rows]
-            rows = [rows[i] for i in order]
-        out.extend(rows)
-        taken.append((source, len(rows)))
+        rows = _open(source)
+        if n_rows is None:
+            indices = np.arange(len(rows))
+        elif n_rows > len(rows):
+            raise DataError(f"data source {source!r} has {len(rows)} rows but the mixer asks for {n_rows}; "
+                            f"lower it or use null (all rows)")
+        else:
+            indices = np.random.default_rng(seed).permutation(len(rows))[:n_rows]
+        out.extend(_select(source, rows, None if n_rows is None else indices))
+        taken.append(Taken(source, len(rows), indices))
     return out, taken

@@ -5,9 +5,10 @@ with a TFDS `GeneratorBasedBuilder` (`file_format="array_record"`, shuffling dis
 needed). A second call with the same key finds the finished dataset and only reads its metadata.
 
 Layout: `{cache_dir}/{split}-{key}/sft_examples/1.0.0/` holding `sft_examples-{split}.array_record-*`,
-`dataset_info.json`, `features.json` and `metadata.json` (the counts below and every example's length, which the
-packer needs before reading any example). TFDS writes into a temporary directory and renames it when complete,
-so an interrupted build leaves no half dataset behind.
+`dataset_info.json`, `features.json` and `metadata.json` (the counts, the per-source table and every example's
+length, which the packer needs before reading any example). TFDS writes into a temporary directory, renames it
+when complete and removes it on any exception, so a failed or interrupted build leaves no dataset that a later
+call would reuse (only a `metadata.json` inside the final directory marks a finished one).
 
 Each record: `ids` int32 [N] token ids, `labels` bool [N] (True = supervised target), 1 <= N <= max_seq_length.
 """
@@ -24,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from mft_jax.config import DataConfig
-from mft_jax.data import formatting, sources
+from mft_jax.data import accounting, formatting, sources
+from mft_jax.data.schemas import DroppedExample
 from mft_jax.data.sources import DataError
 
 # Bump when tokenization or the record layout changes: old caches then stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the reference's tulu rendering (no strip) and encode_sft_example labels
 BUILDER_NAME = "sft_examples"
 DEFAULT_CACHE_DIR = "~/.cache/mft_jax/data"
 
@@ -51,10 +53,15 @@ class DatasetInfo:
     sources: list[tuple[str, int]]  # (source, rows taken) in mixer order
     settings: dict  # tokenizer, template, max_seq_length, add_bos
     reused: bool = False  # True when this call found the cache
+    source_stats: list[accounting.SourceStats] = dataclasses.field(default_factory=list)  # in mixer order
 
     def data_source(self):
         """Random-access reader of the records (`tfds.data_source`, array_record backed)."""
         return open_data_source(self.data_dir, self.split)
+
+    def table(self) -> str:
+        """Rows read / taken / kept / dropped by reason / truncated, per source."""
+        return accounting.source_table(self.source_stats, self.split)
 
     def summary(self) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -158,8 +165,10 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
                   split: str = "train", *, verbose: bool = False) -> DatasetInfo:
     """Tokenizes `data.{split}` and writes the TFDS cache, or reuses it. Returns its `DatasetInfo`.
 
-    The tokenizer is `data.tokenizer`, else `tokenizer_path` (the model directory). Rows that cannot be trained on
-    are dropped and counted (`info.dropped`); an error is raised only when no example is left.
+    The tokenizer is `data.tokenizer`, else `tokenizer_path` (the model directory). Rows that cannot be trained
+    on are dropped and counted per source; a source that drops more than `data.max_drop_fraction` of the rows
+    taken from it fails the build as soon as its rows are done (nothing is written), and fails a cache hit too.
+    verbose: print the summary and the per-source table.
     """
     tok_dir = tokenizer_dir(data_cfg, tokenizer_path)
     if tok_dir is None or not Path(os.path.expanduser(tok_dir)).is_dir():
@@ -169,12 +178,21 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
     cache_dir = Path(os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE_DIR))
     data_dir = cache_dir / f"{split}-{key}"
     path = data_dir / BUILDER_NAME / "1.0.0"
-    if (path / "metadata.json").is_file():
-        info = _read_info(data_dir, split, key, reused=True)
-        if verbose:
-            print(info.summary())
-        return info
+    reused = (path / "metadata.json").is_file()
+    if not reused:
+        _build(data_cfg, tok_dir, split, key, data_dir, cache_dir, verbose)
+    info = _read_info(data_dir, split, key, reused=reused)
+    if verbose:
+        print(info.summary())
+        print(info.table())
+    accounting.check_drops(info.source_stats, data_cfg.max_drop_fraction, split, data_cfg.max_seq_length)
+    return info
 
+
+def _build(data_cfg: DataConfig, tok_dir: str, split: str, key: str, data_dir: Path, cache_dir: Path,
+           verbose: bool) -> None:
+    """Writes the split through TFDS, which works in a temporary directory and renames it when complete: an
+    exception anywhere (the drop check included) leaves no dataset behind, and nothing else is deleted."""
     import tensorflow_datasets as tfds
 
     tfds.display_progress_bar(verbose)
@@ -182,27 +200,44 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
     rows, taken = sources.mix(mixer_of(data_cfg, split), data_cfg.seed)
     settings = {"tokenizer": tok_dir, "template": data_cfg.template, "max_seq_length": data_cfg.max_seq_length,
                 "add_bos": data_cfg.add_bos}
-    dropped: collections.Counter = collections.Counter()
-    first_drop: dict[str, str] = {}  # reason -> the first such message, for the all-dropped error
+    stats = [accounting.SourceStats(t.source, t.rows_read, len(t.indices)) for t in taken]
     lengths: list[int] = []
     totals = {"num_truncated": 0, "num_label_tokens": 0}
 
+    def check(done: list[accounting.SourceStats]) -> None:
+        try:
+            accounting.check_drops(done, data_cfg.max_drop_fraction, split, data_cfg.max_seq_length)
+        except DataError:
+            if verbose:
+                print(accounting.source_table(done, split))
+            raise
+
     def examples():
-        for item in formatting.tokenize_rows(rows, tokenizer, data_cfg.template, data_cfg.max_seq_length,
-                                             data_cfg.add_bos):
-            if isinstance(item, formatting.DroppedExample):
-                dropped[item.reason] += 1
-                first_drop.setdefault(item.reason, str(item))
-                continue
-            lengths.append(len(item.ids_N))
-            totals["num_truncated"] += item.truncated
-            totals["num_label_tokens"] += int(item.labels_N.sum())
-            yield item.ids_N, item.labels_N
+        items = formatting.tokenize_rows(rows, tokenizer, data_cfg.template, data_cfg.max_seq_length,
+                                         data_cfg.add_bos)
+        for s, take in enumerate(taken):
+            for index in take.indices.tolist():
+                item = next(items)
+                if isinstance(item, DroppedExample):
+                    stats[s].count_drop(item.reason, f"row {index}: {item.detail or item.reason}"[:300])
+                    continue
+                stats[s].kept += 1
+                stats[s].truncated += item.truncated
+                lengths.append(len(item.ids_N))
+                totals["num_truncated"] += item.truncated
+                totals["num_label_tokens"] += int(item.labels_N.sum())
+                yield item.ids_N, item.labels_N
+            check(stats[: s + 1])  # fail as soon as a source is done: raising here aborts the TFDS build
+        dropped = collections.Counter()
+        for s in stats:
+            dropped.update(s.dropped)
         if not lengths:
-            reasons = "; ".join(f"{n} {r} (first: {first_drop[r]})" for r, n in dropped.items())
-            raise DataError(f"data.{split}: all {len(rows)} rows were dropped: {reasons}; check the sources' "
-                            f"format (messages or prompt/completion) and data.max_seq_length")
-        builder.stats = {"split": split, "key": key, "sources": taken, "settings": settings,
+            first = next(f"{s.source!r} {s.first_drop[r]}" for s in stats for r in s.first_drop)
+            raise DataError(f"data.{split}: all {len(rows)} rows were dropped "
+                            f"({', '.join(f'{r} {n}' for r, n in sorted(dropped.items()))}; first: {first}); "
+                            f"fix the sources (data.max_drop_fraction < 1 names the fix per source)")
+        builder.stats = {"split": split, "key": key, "sources": [[t.source, len(t.indices)] for t in taken],
+                         "source_stats": [s.to_json() for s in stats], "settings": settings,
                          "dropped": dict(dropped), "lengths": lengths, **totals}
 
     builder = _builder_class()(split=split, examples=examples(), data_dir=str(data_dir),
@@ -211,12 +246,8 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
         builder.download_and_prepare(download_dir=str(cache_dir / "tfds_downloads"))
     except OSError:
         # Another process sharing cache_dir finished the same dataset first (its rename won); theirs is identical.
-        if not (path / "metadata.json").is_file():
+        if not (data_dir / BUILDER_NAME / "1.0.0" / "metadata.json").is_file():
             raise
-    info = _read_info(data_dir, split, key, reused=False)
-    if verbose:
-        print(info.summary())
-    return info
 
 
 def _read_info(data_dir: Path, split: str, key: str, reused: bool) -> DatasetInfo:
@@ -227,4 +258,5 @@ def _read_info(data_dir: Path, split: str, key: str, reused: bool) -> DatasetInf
         path=path, data_dir=data_dir, split=split, key=key, num_examples=len(lengths),
         num_dropped=sum(meta["dropped"].values()), dropped=meta["dropped"], num_truncated=meta["num_truncated"],
         num_tokens=int(lengths.sum()), num_label_tokens=meta["num_label_tokens"], lengths=lengths,
-        sources=[tuple(s) for s in meta["sources"]], settings=meta["settings"], reused=reused)
+        sources=[tuple(s) for s in meta["sources"]], settings=meta["settings"], reused=reused,
+        source_stats=[accounting.SourceStats.from_json(s) for s in meta["source_stats"]])
