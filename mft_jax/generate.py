@@ -14,6 +14,12 @@ How a batch is decoded:
 Positions count from 0 at each row's first real token, so padding changes nothing a row computes.
 Sampling keys derive from (seed, prompt index, step), so a prompt's sample does not depend on its batch.
 
+Text (`generate_text`): prompt encoding is explicit (`encode_prompts`): no BOS unless asked for (the olmes
+harness encodes with `add_special_tokens=False`), and an optional token budget that keeps a prompt's last
+tokens. New tokens become text in the context of the prompt's last tokens (as vLLM's detokenizer does), so a
+continuation keeps the leading space or indentation of its first token, which SentencePiece decoders drop
+when a token list starts with it; stop strings are looked for in that same text.
+
 `recompute=True` is the slow reference: every step runs the full forward over the whole [B, S] buffer
 instead of reading the cache (used by bench/decode.py to measure what the cache buys).
 
@@ -36,6 +42,7 @@ from mft_jax.sharding import BATCH_AXES
 Params = dict[str, Any]
 
 _MIN_PROMPT_BUCKET = 16
+_CONTEXT_TOKENS = 8  # prompt tokens that new text is decoded after (vLLM's detokenizer uses 6)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -189,10 +196,21 @@ def _batch_shards(mesh, batch_axes) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes]))
 
 
-def _first_stop(tokens: list[int], stop_strings, tokenizer) -> int | None:
+def decode_new(tokenizer, context: Sequence[int], tokens: Sequence[int], **kwargs) -> str:
+    """The text of `tokens` as it continues `context` (a prompt's last tokens): text(context + tokens) minus
+    text(context), so a first token's leading space survives; falls back to decoding `tokens` alone when the
+    context's text is not a prefix (never with the decoders of Llama's tokenizers)."""
+    if not context:
+        return tokenizer.decode(list(tokens), **kwargs)
+    prefix = tokenizer.decode(list(context), **kwargs)
+    text = tokenizer.decode(list(context) + list(tokens), **kwargs)
+    return text[len(prefix):] if text.startswith(prefix) else tokenizer.decode(list(tokens), **kwargs)
+
+
+def _first_stop(tokens: list[int], stop_strings, tokenizer, context: Sequence[int] = ()) -> int | None:
     """Length of the shortest prefix of `tokens` whose text contains a stop string, or None."""
     def stopped(k):
-        text = tokenizer.decode(tokens[:k])
+        text = decode_new(tokenizer, context, tokens[:k])
         return any(s in text for s in stop_strings)
 
     if not stopped(len(tokens)):
@@ -223,8 +241,10 @@ def _left_pad(rows: list[list[int]], batch: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _run_batch(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E, temperature, top_p, *,
-               max_new_tokens, stop_strings, tokenizer, stop_check_every, static) -> tuple[np.ndarray, int]:
-    """Prefill, then decode until done; returns (tokens_BxN, number of tokens made)."""
+               max_new_tokens, stop_strings, tokenizer, stop_check_every, static,
+               contexts: Sequence[Sequence[int]] = ()) -> tuple[np.ndarray, int]:
+    """Prefill, then decode until done; returns (tokens_BxN, number of tokens made). `contexts[r]` is row r's
+    prompt tail, the context its stop strings are checked in."""
     state = _prefill(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E, temperature, top_p,
                      num_new=bucket(max_new_tokens), **static)
     limit = max_new_tokens if not stop_strings else min(max_new_tokens, stop_check_every)
@@ -235,7 +255,8 @@ def _run_batch(cfg, params, prompt_BxLp, prompt_lens_B, active_B, keys_B, eos_E,
         if stop_strings:  # rows whose text already holds a stop string are finished
             tokens_BxN = np.asarray(state["tokens_BxN"])
             for r in np.flatnonzero(~done_B):
-                text = tokenizer.decode(tokens_BxN[r, :step].tolist())
+                context = contexts[r] if r < len(contexts) else ()
+                text = decode_new(tokenizer, context, tokens_BxN[r, :step].tolist())
                 done_B[r] = any(s in text for s in stop_strings)
             state["done_B"] = jax.device_put(done_B, state["done_B"].sharding)
         if step >= max_new_tokens or done_B.all():
@@ -261,6 +282,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     "fsdp"); place params on the same mesh (e.g. `sharding.param_shardings`), XLA propagates the rest.
     """
     prompts = [list(map(int, p)) for p in prompts]
+    stop_strings = [s for s in stop_strings or () if s] or None  # an empty stop string never matches
     _check_inputs(cfg, prompts, max_new_tokens, temperature, top_p, stop_strings, tokenizer)
     if not prompts:
         return []
@@ -286,28 +308,49 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
         if mesh is not None:
             rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(batch_axes)))
             batch = [jax.device_put(x, rows_sharding) for x in batch]
+        contexts = [prompts[i][-_CONTEXT_TOKENS:] for i in rows]
         tokens_BxN, step = _run_batch(cfg, params, *batch, eos_E, temperature, top_p,
                                       max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-                                      tokenizer=tokenizer, stop_check_every=stop_check_every, static=static)
+                                      tokenizer=tokenizer, stop_check_every=stop_check_every, static=static,
+                                      contexts=contexts)
         for r, i in enumerate(rows):
             out = _cut_at_eos(tokens_BxN[r, :step].tolist(), set(eos))
-            cut = _first_stop(out, stop_strings, tokenizer) if stop_strings else None
+            cut = _first_stop(out, stop_strings, tokenizer, contexts[r]) if stop_strings else None
             results[i] = out if cut is None else out[:cut]
     return results
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
-    """`text` up to (excluding) the earliest occurrence of any stop string."""
-    cut = min((text.find(s) for s in stop_strings or () if s in text), default=len(text))
+    """`text` up to (excluding) the earliest occurrence of any stop string (empty ones never match)."""
+    cut = min((text.find(s) for s in stop_strings or () if s and s in text), default=len(text))
     return text[:cut]
 
 
-def generate_text(cfg: LlamaConfig, params: Params, tokenizer, prompts: Sequence[str], *,
-                  add_special_tokens: bool = True, **kwargs) -> list[str]:
-    """`generate` on strings: encodes with `tokenizer` (its BOS when it adds one), returns the decoded new
-    text without special tokens, cut before the first stop string. kwargs: as `generate`."""
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+def encode_prompts(tokenizer, prompts: Sequence[str], *, add_bos: bool = False,
+                   max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of text prompts: the text's own tokens (never the tokenizer's automatic special tokens),
+    after BOS when `add_bos`, and, with `max_tokens`, only the last `max_tokens` of them (as olmes cuts a
+    context to the window left after the new tokens)."""
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos is set but the tokenizer has no bos_token")
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    if add_bos:
+        encoded = [[tokenizer.bos_token_id] + list(ids) for ids in encoded]
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        encoded = [list(ids)[-max_tokens:] for ids in encoded]
+    return [list(ids) for ids in encoded]
+
+
+def generate_text(cfg: LlamaConfig, params: Params, tokenizer, prompts: Sequence[str], *, add_bos: bool = False,
+                  max_prompt_tokens: int | None = None, **kwargs) -> list[str]:
+    """`generate` on strings: encodes with `encode_prompts` (no BOS unless `add_bos`; the last
+    `max_prompt_tokens` tokens), returns the new text (special tokens skipped, decoded after the prompt's last
+    tokens), cut before the first stop string. kwargs: as `generate`."""
+    encoded = encode_prompts(tokenizer, prompts, add_bos=add_bos, max_tokens=max_prompt_tokens)
     kwargs.setdefault("tokenizer", tokenizer)
     outputs = generate(cfg, params, encoded, **kwargs)
-    return [cut_at_stop(tokenizer.decode(o, skip_special_tokens=True), kwargs.get("stop_strings"))
-            for o in outputs]
+    texts = [decode_new(tokenizer, ids[-_CONTEXT_TOKENS:], o, skip_special_tokens=True,
+                        clean_up_tokenization_spaces=False) for ids, o in zip(encoded, outputs)]
+    return [cut_at_stop(text, kwargs.get("stop_strings")) for text in texts]

@@ -1,9 +1,10 @@
-"""Benchmark tasks and the runner: held-out loss, GSM8K, HumanEval, IFEval (the paper's protocol, MFT.md).
+"""Benchmark tasks and the runner: held-out loss, GSM8K, HumanEval(+), IFEval, MATH, as the paper's authors ran
+them with the olmes harness (MFT.md; each task module says what olmes does and where).
 
-Modules: `base` (EvalModel, the Task interface), one module per task (`loss`, `gsm8k`, `humaneval`,
-`ifeval`), `sandbox` (runs generated code in limited child processes), `commands` (the `eval` and
-`generate` CLI commands). `evaluate(model, tasks)` runs tasks and returns {task: {metric: value}};
-`format_table` prints them.
+Modules: `base` (EvalModel, the Task interface, Generation settings, EvalError), one module per task
+(`loss`, `gsm8k`, `humaneval`, `ifeval`, `minerva_math`), `sandbox` (runs generated code in limited child
+processes), `commands` (the `eval` and `generate` CLI commands). `evaluate(model, tasks)` runs tasks and
+returns {task: {metric: value}}; `format_table` prints them.
 """
 
 from __future__ import annotations
@@ -13,31 +14,35 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mft_jax.evaluate.base import EvalModel, GenerationTask, Task
+from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task
 from mft_jax.evaluate.gsm8k import GSM8K
-from mft_jax.evaluate.humaneval import HumanEval
+from mft_jax.evaluate.humaneval import HumanEval, HumanEvalPlus
 from mft_jax.evaluate.ifeval import IFEval
 from mft_jax.evaluate.loss import Loss
+from mft_jax.evaluate.minerva_math import MATH
 
-TASKS = {"loss": Loss, "gsm8k": GSM8K, "humaneval": HumanEval, "ifeval": IFEval}
+TASKS = {"loss": Loss, "gsm8k": GSM8K, "humaneval": HumanEval, "humanevalplus": HumanEvalPlus, "ifeval": IFEval,
+         "math": MATH}
 
 
 def parse_tasks(text: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"unknown or no tasks {unknown or names}; choose from {sorted(TASKS)}, comma-separated")
+        raise EvalError(f"unknown or no tasks {unknown or names} in --tasks; choose from {sorted(TASKS)}, "
+                        f"comma-separated")
     return names
 
 
 def evaluate(model: EvalModel, tasks: Sequence[Task], *, limit: int | None = None,
-             samples_dir: str | Path | None = None, verbose: bool = True) -> dict[str, dict]:
-    """Loads and runs each task; returns {task name: metrics}. With `samples_dir`, writes each task's
-    per-example records to `samples_dir/<task>.jsonl`."""
+             samples_dir: str | Path | None = None, verbose: bool = True, load: bool = True) -> dict[str, dict]:
+    """Loads (unless `load` is False: already loaded) and runs each task; returns {task name: metrics}. With
+    `samples_dir`, writes each task's per-example records to `samples_dir/<task>.jsonl`."""
     results = {}
     for task in tasks:
         start = time.perf_counter()
-        task.load(limit)
+        if load:
+            task.load(limit)
         if verbose:
             print(f"[eval] {task.name}: {len(task) or 'all'} examples", flush=True)
         metrics = task.run(model)
@@ -71,5 +76,5 @@ def add_eval_commands(subparsers):
     return add(subparsers)
 
 
-__all__ = ["EvalModel", "GSM8K", "GenerationTask", "HumanEval", "IFEval", "Loss", "TASKS", "Task",
-           "add_eval_commands", "evaluate", "format_table", "parse_tasks"]
+__all__ = ["EvalError", "EvalModel", "GSM8K", "Generation", "GenerationTask", "HumanEval", "HumanEvalPlus", "IFEval",
+           "Loss", "MATH", "TASKS", "Task", "add_eval_commands", "evaluate", "format_table", "parse_tasks"]

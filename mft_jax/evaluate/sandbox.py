@@ -4,9 +4,11 @@ Each program gets its own `python -I -S` process (isolated, standard library onl
 directory, never the calling process:
 - limits set by the child on itself before any untrusted code runs (no `preexec_fn`, which is unsafe in a
   process with threads, as any JAX process is): address space, CPU seconds, file size, no core dumps;
-- a wall-clock timeout, after which the child's whole process group is killed;
+- the program is `exec`uted as olmes's HumanEval check does it (`code_execution_local.py`): in a namespace
+  that holds only the builtins, under a real-time timer of `timeout_s`; it passes when it raises nothing
+  (a `SystemExit`, even with status 0, fails); the parent kills the child's process group 2 s after that;
 - stdout discarded (a print loop cannot fill a pipe), stderr to a size-limited file (its tail is the result);
-- a few destructive calls (process kill/spawn, file removal, shell) replaced by a function that raises.
+- a few destructive calls (process kill/spawn/exit, file removal, shell) replaced by a function that raises.
 This guards against accidents of generated code, not against a determined attacker: run evaluations of
 untrusted models inside a container as well.
 """
@@ -22,10 +24,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-# The child's entry point; argv: memory bytes, CPU seconds, file-size bytes. The program arrives on stdin.
+# The child's entry point; argv: memory bytes, CPU seconds, file-size bytes, timeout seconds. The program
+# arrives on stdin. Exit status 0: passed; 3: timed out; 1: raised (traceback on stderr).
 _CHILD = r"""
-import resource, sys
+import resource, signal, sys, traceback
 memory, cpu, fsize = (int(a) for a in sys.argv[1:4])
+timeout = float(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first, SIGKILL a second later
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -33,27 +37,51 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 program = sys.stdin.read()
 
 import os, shutil, subprocess
+_exit = os._exit
 def _blocked(*args, **kwargs):
     raise PermissionError("blocked in the evaluation sandbox")
 for _module, _names in ((os, ("kill", "killpg", "system", "popen", "fork", "forkpty", "remove", "unlink",
                               "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                              "chown", "putenv", "unsetenv", "execv", "execve", "execvp", "spawnv")),
+                              "chown", "putenv", "unsetenv", "execv", "execve", "execvp", "spawnv", "_exit")),
                         (shutil, ("rmtree", "move", "chown", "copyfile", "copytree")),
                         (subprocess, ("Popen", "run", "call", "check_call", "check_output"))):
     for _name in _names:
         if hasattr(_module, _name):
             setattr(_module, _name, _blocked)
 del _module, _names, _name
-exec(compile(program, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+
+class _TimedOut(Exception):
+    pass
+def _alarm(signum, frame):
+    raise _TimedOut()
+signal.signal(signal.SIGALRM, _alarm)
+try:
+    code = compile(program, "<program>", "exec")
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    exec(code, {"__builtins__": __builtins__})
+    signal.setitimer(signal.ITIMER_REAL, 0)
+except _TimedOut:
+    _exit(3)
+except BaseException:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    traceback.print_exc()
+    sys.stderr.flush()
+    _exit(1)
+sys.stderr.flush()
+_exit(0)
 """
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock
-    cpu_s: int = 10
+    timeout_s: float = 10.0  # the program's real time; the child is killed 2 s after it
+    cpu_s: int | None = None  # CPU seconds; None: the timeout rounded up, plus 1
     memory_bytes: int = 2 << 30  # address space
     file_bytes: int = 1 << 20  # largest file the program may write (its stderr included)
+
+    @property
+    def cpu_seconds(self) -> int:
+        return self.cpu_s if self.cpu_s is not None else int(-(-self.timeout_s // 1)) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +98,12 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         with open(stderr_path, "wb") as stderr:
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, str(limits.memory_bytes), str(limits.cpu_s),
-                 str(limits.file_bytes)],
+                [sys.executable, "-I", "-S", "-c", _CHILD, str(limits.memory_bytes), str(limits.cpu_seconds),
+                 str(limits.file_bytes), str(limits.timeout_s)],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, cwd=work, env=env,
                 start_new_session=True)  # its own process group, so a timeout kills its children too
             try:
-                child.communicate(program.encode(), timeout=limits.timeout_s)
+                child.communicate(program.encode(), timeout=limits.timeout_s + 2)
             except subprocess.TimeoutExpired:
                 _kill_group(child)
                 return Outcome(False, "timed out")
@@ -83,6 +111,8 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
                 _kill_group(child)  # children the program left behind
         if child.returncode == 0:
             return Outcome(True, "passed")
+        if child.returncode == 3:
+            return Outcome(False, "timed out")
         with open(stderr_path, "rb") as f:
             lines = f.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
         if child.returncode < 0:
