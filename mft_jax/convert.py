@@ -3,6 +3,9 @@
 Safetensors files are read tensor by tensor through memory maps (a checkpoint never needs two full copies
 in host memory; with target shardings each device reads only its own slice) and written the same way.
 Our params mirror HF's module names (see mft_jax.model); the whole name mapping is `hf_name` below.
+Every safetensors header is validated against its file before a tensor is mapped (a truncated or foreign
+file is one `CheckpointError` line), and writers go through `mft_jax.outputs` (a new directory renamed into
+place; an existing one is replaced only if we wrote it or with `overwrite`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from mft_jax import model as model_lib
+from mft_jax import outputs
 from mft_jax.config import ConfigError, LlamaConfig
 
 _ST_DTYPES = {
@@ -94,25 +98,70 @@ class _TensorRef:
         return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
 
 
-def read_safetensors_index(path: Path) -> dict[str, _TensorRef]:
-    """Tensor name -> where its bytes are, for one .safetensors file (reads only the header)."""
+_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, _TensorRef], dict]:
+    """(tensor name -> where its bytes are, `__metadata__`) of one .safetensors file, reading only the header.
+
+    The header is validated against the file before any tensor is touched: its length, its JSON, every
+    tensor's dtype and shape, and that its data_offsets match shape x itemsize and lie inside the file, so a
+    truncated, damaged or foreign file fails here with one line naming it instead of at a memory map."""
+    path = Path(path)
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (truncated header)")
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header "
+                                  f"length); re-download or re-export it")
         (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file or truncated (its header claims {header_len} "
+                                  f"bytes, the file has {size}); re-download or re-export it")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    header.pop("__metadata__", None)
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e}); re-download or "
+                                  f"re-export it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
     refs = {}
     for name, entry in header.items():
-        if entry["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        refs[name] = _TensorRef(path, np.dtype(_ST_DTYPES[entry["dtype"]]), tuple(entry["shape"]),
-                                8 + header_len + entry["data_offsets"][0])
-    return refs
+        refs[name] = _tensor_ref(path, name, entry, data_start, size)
+    return refs, metadata if isinstance(metadata, dict) else {}
+
+
+def _tensor_ref(path: Path, name: str, entry, data_start: int, size: int) -> _TensorRef:
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name} {why}; the file is damaged or not a safetensors file "
+                               f"(re-download or re-export it)")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("has no dtype / shape / data_offsets")
+    if entry["dtype"] not in _ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']!r} (supported: "
+                              f"{sorted(_ST_DTYPES)})")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"holds {offsets[1] - offsets[0]} bytes, but shape {shape} x {dtype.name} needs {nbytes}")
+    if data_start + offsets[1] > size:
+        raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + offsets[1]}, the file "
+                              f"has {size} bytes; re-download or re-export it")
+    return _TensorRef(path, dtype, tuple(shape), data_start + offsets[0])
+
+
+def read_safetensors_index(path: Path) -> dict[str, _TensorRef]:
+    """Tensor name -> where its bytes are, for one .safetensors file (reads and validates only the header)."""
+    return read_safetensors_header(path)[0]
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
@@ -150,12 +199,27 @@ def load_config(path: str | Path) -> LlamaConfig:
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory has config.json "
                               f"and *.safetensors")
+    raw = _read_json(config_file)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object; a Hugging Face config.json is one")
     try:
-        return LlamaConfig.from_hf(json.loads(config_file.read_text()))
+        return LlamaConfig.from_hf(raw)
     except ConfigError as e:
         raise CheckpointError(f"{config_file}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{config_file}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: a field has the wrong type ({e})") from None
+
+
+def _read_json(path: Path):
+    """A JSON file's content; a syntax error is one line naming file:line:column."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); re-download or fix it") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a text (JSON) file; re-download or fix it") from None
 
 
 def tensor_index(path: str | Path) -> dict[str, _TensorRef]:
@@ -163,7 +227,10 @@ def tensor_index(path: str | Path) -> dict[str, _TensorRef]:
     path = Path(path)
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_file}: no weight_map of tensor name -> file; re-download or fix it")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -223,7 +290,8 @@ def load_hf(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig, 
         problems.append(f"unexpected tensors (not part of a {cfg.num_hidden_layers}-layer Llama with this "
                         f"config): {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems[:5]) + more)
 
     flat_shardings = None
     if shardings is not None:
@@ -255,31 +323,34 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size {size!r}: write bytes or a size like '5GB' or '500MB'")
+        raise ConfigError(f"max_shard_size {size!r}: write bytes or a size like '5GB' or '500MB'")
     units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     return int(float(match.group(1)) * units[(match.group(2) or "B").upper()])
 
 
 def save_hf(cfg: LlamaConfig, params: dict, path: str | Path, dtype=None, tokenizer_dir: str | Path | None = None,
-            max_shard_size: int | str = "5GB") -> Path:
+            max_shard_size: int | str = "5GB", *, overwrite: bool = False, inputs=(), command: str = "save_hf",
+            flag: str = "--out") -> Path:
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     config.json, safetensors (sharded with model.safetensors.index.json when larger than max_shard_size)
     and, when tokenizer_dir is given, its tokenizer files. Tensors are fetched and written one at a time.
-    The directory is written under a temporary name and renamed at the end, so a killed export never
-    leaves a half-written model at `path`.
+    The directory is written as a temporary sibling and renamed into place at the end (`outputs.new_dir`):
+    a killed export never leaves a half-written model at `path`, and an existing `path` is replaced only if
+    it is an earlier output of ours or with `overwrite` (never when it is, holds or lies inside an input).
     """
-    path = Path(path)
     out_dtype = np.dtype(dtype or cfg.dtype)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise CheckpointError(f"tokenizer directory {str(tokenizer_dir)!r} does not exist")
     limit = parse_size(max_shard_size)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with outputs.new_dir(path, inputs=[*inputs, tokenizer_dir], overwrite=overwrite, command=command,
+                         flag=flag) as tmp:
+        _write_hf(cfg, params, tmp, out_dtype, tokenizer_dir, limit)
+    return Path(path)
 
+
+def _write_hf(cfg: LlamaConfig, params: dict, tmp: Path, out_dtype: np.dtype, tokenizer_dir, limit: int) -> None:
     tensors = []
     for p, leaf in named_leaves(params):
         shape = _hf_shape(p, leaf.shape)
@@ -315,13 +386,7 @@ def save_hf(cfg: LlamaConfig, params: dict, path: str | Path, dtype=None, tokeni
     hf_config = dataclasses.replace(cfg, dtype=out_dtype.name).to_hf()
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer_dir is not None:
-        for name in _TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+        copy_tokenizer_files(tokenizer_dir, tmp)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -338,29 +403,53 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 # Orbax params checkpoints (`mft-jax convert`)
 # --------------------------------------------------------------------------------------------------------
 
-def save_orbax(cfg: LlamaConfig, params: dict, path: str | Path) -> Path:
-    """Params as an orbax checkpoint at PATH/params, with the HF config.json beside it."""
+def save_orbax(cfg: LlamaConfig, params: dict, path: str | Path, *, overwrite: bool = False, inputs=(),
+               command: str = "save_orbax", flag: str = "--out") -> Path:
+    """Params as an orbax checkpoint at PATH/params, with the HF config.json beside it; written as a
+    temporary sibling and renamed into place, with the same rules as `save_hf`."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / "params", params, force=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    return path
+    with outputs.new_dir(path, inputs=inputs, overwrite=overwrite, command=command, flag=flag) as tmp:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp.absolute() / "params", params, force=True)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    return Path(path).absolute()
+
+
+def check_orbax(path: str | Path) -> LlamaConfig:
+    """The config of an orbax params checkpoint written by `save_orbax`, checked without reading params."""
+    path = Path(path)
+    cfg = load_config(path)
+    if not (path / "params").is_dir():
+        raise CheckpointError(f"{path}: no params/ directory; an orbax params checkpoint is what "
+                              f"`mft-jax convert --from-hf HF_DIR --out DIR` writes (config.json + params/)")
+    return cfg
 
 
 def load_orbax(path: str | Path, shardings=None) -> tuple[LlamaConfig, dict]:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    cfg = load_config(path)
+    cfg = check_orbax(path)
     target = model_lib.param_shapes(cfg)
     if shardings is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(path / "params", target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(path / "params", target)
+    except Exception as e:
+        raise CheckpointError(f"{path}/params: cannot be restored with its config.json ({error_summary(e)}); is "
+                              f"it complete and written by `mft-jax convert --from-hf`?") from e
     return cfg, params
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """'Type: first line' of an error (orbax and TensorStore messages run to dozens of lines); a first line that
+    ends with ':' is continued by the next one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_hf_dir(path: str | Path) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from mft_jax import config as config_lib
+from mft_jax import outputs
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 ARMS = ("fft_best", "mft", "continued_fft", "random_mask", "magnitude_mask")
@@ -117,7 +118,7 @@ def _best_step(run_dir: Path) -> tuple[int, float, list[tuple[int, float]]]:
 def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict:
     import jax
 
-    from mft_jax import convert, export, masking, model, train
+    from mft_jax import convert, export, model, train
     from mft_jax.data import load_tokenizer, train_bpe_tokenizer
     from mft_jax.evaluate.base import EvalModel
     from mft_jax.evaluate.loss import Loss
@@ -291,32 +292,84 @@ def plot(per_seed: list[dict], table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _read_demo_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise config_lib.ConfigError(f"demo config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise config_lib.ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise config_lib.ConfigError(f"demo config {path}: expected sections of key: value (see {DEMO_CONFIG})")
+    return raw
+
+
+def _check_type(key: str, value, default) -> None:
+    """A demo setting has the type of its default (ints stay ints, lists stay lists)."""
+    if key == "mask.masked_layers" and isinstance(value, str):
+        return  # "1-2" style ranges; parsed and checked by the run config
+    if isinstance(default, bool) or default is None:
+        ok = isinstance(value, type(default)) if default is not None else True
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise config_lib.ConfigError(f"demo config: {key} must be {type(default).__name__} like its default "
+                                     f"{default!r}, got {value!r}")
+
+
 def load_demo_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """The demo settings: PATH (default configs/demo.yaml; keys it omits keep demo.yaml's values) plus
+    `section.key=value` overrides, each key and type checked against configs/demo.yaml."""
     path = Path(path or DEMO_CONFIG)
-    cfg = yaml.safe_load(path.read_text())
-    defaults = yaml.safe_load(DEMO_CONFIG.read_text())
-    for assignment in overrides:
-        key, _, value = assignment.partition("=")
-        section, _, name = key.partition(".")
-        if section not in defaults or name not in defaults[section]:
-            raise config_lib.ConfigError(f"demo config: unknown key {key!r}; valid keys: "
-                                         f"{[f'{s}.{k}' for s in defaults for k in defaults[s]]}")
-        cfg[section][name] = yaml.safe_load(value)
+    cfg = _read_demo_yaml(path)
+    defaults = _read_demo_yaml(DEMO_CONFIG)
+    valid = [f"{s}.{k}" for s in defaults for k in defaults[s]]
     for section, values in cfg.items():
         if section not in defaults:
-            raise config_lib.ConfigError(f"demo config {path}: unknown section {section!r}")
+            raise config_lib.ConfigError(f"demo config {path}: unknown section {section!r}; valid: {list(defaults)}")
         unknown = set(values) - set(defaults[section])
         if unknown:
             raise config_lib.ConfigError(f"demo config {path}: unknown keys {sorted(unknown)} in {section!r}")
-    return cfg
+    for assignment in overrides:
+        key, eq, value = assignment.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not eq:
+            raise config_lib.ConfigError(f"--set {assignment!r} must look like section.key=value, e.g. fft.steps=500")
+        if section not in defaults or name not in defaults[section]:
+            raise config_lib.ConfigError(f"demo config: unknown key {key!r} in --set {assignment!r}; write "
+                                         f"section.key=value with a key of {valid}")
+        try:
+            cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise config_lib.ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+    merged = {section: {**values, **cfg.get(section, {})} for section, values in defaults.items()}
+    for section, values in defaults.items():
+        for name, default in values.items():
+            _check_type(f"{section}.{name}", merged[section][name], default)
+    return merged
 
 
 def run(out: str | Path = "runs/demo", seeds: int = 1, config_path: str | Path | None = None,
-        overrides: list[str] = (), verbose: bool = True) -> dict:
-    out = Path(out)
+        overrides: list[str] = (), verbose: bool = True, overwrite: bool = False) -> dict:
+    """Runs the demo into OUT (see the module docstring); returns the report.
+
+    OUT is the demo's own directory (`outputs.claimed_dir`): new or empty, or an earlier demo's (moved aside
+    and removed once this one completes, put back if it fails); a directory mft-jax did not write is refused
+    unless `overwrite`. The runs inside record absolute paths, so the demo writes in place, not via a rename."""
     demo_cfg = load_demo_config(config_path, overrides)
     if seeds < 1:
         raise config_lib.ConfigError(f"--seeds must be >= 1, got {seeds}")
+    with outputs.claimed_dir(out, inputs=[config_path or DEMO_CONFIG], overwrite=overwrite, command="demo") as out:
+        return _run(out, seeds, demo_cfg, verbose)
+
+
+def _run(out: Path, seeds: int, demo_cfg: dict, verbose: bool) -> dict:
     started = time.perf_counter()
     per_seed = [run_seed(seed, out / f"seed{seed}", demo_cfg, verbose) for seed in range(seeds)]
     table = summarize(per_seed)

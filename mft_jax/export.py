@@ -18,7 +18,7 @@ import numpy as np
 
 from mft_jax import checkpoint as ckpt_lib
 from mft_jax import config as config_lib
-from mft_jax import convert, masking, model, sharding
+from mft_jax import convert, masking, model, outputs, sharding
 from mft_jax.config import LlamaConfig, MaskConfig, RunConfig
 
 MASKS_FORMAT = "mft_jax.masks/1"
@@ -49,47 +49,92 @@ def save_masks(path: str | Path, masks, mask_cfg: MaskConfig, metadata: dict | N
 
 
 def load_masks(path: str | Path) -> tuple[dict, dict]:
-    """Reads a masks file -> (bool masks in our [in, out] layout keyed like the params, metadata)."""
+    """Reads a masks file -> (bool masks in our [in, out] layout keyed like the params, metadata).
+
+    A file that is not ours, damaged or truncated fails with one line naming it (`CheckpointError`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"masks file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(header_len)).get("__metadata__", {})
+        raise FileNotFoundError(f"masks file {str(path)!r} does not exist" if not path.exists() else
+                                f"masks file {str(path)!r} is a directory; give the masks.safetensors file")
+    refs, meta = convert.read_safetensors_header(path)
     if meta.get("format") != MASKS_FORMAT:
-        raise ValueError(f"{path}: not an mft_jax masks file (format {meta.get('format')!r}, "
-                         f"expected {MASKS_FORMAT!r})")
-    shapes = json.loads(meta["shapes"])
-    refs = convert.read_safetensors_index(path)
+        raise convert.CheckpointError(f"{path}: not an mft_jax masks file (format {meta.get('format')!r}, expected "
+                                      f"{MASKS_FORMAT!r}); give the masks.safetensors that `mft-jax export` wrote")
+    try:
+        shapes = json.loads(meta["shapes"])
+        if not isinstance(shapes, dict):
+            raise ValueError("not a mapping")
+    except (KeyError, TypeError, ValueError) as e:
+        raise convert.CheckpointError(f"{path}: damaged masks file (metadata 'shapes' unreadable: {e}); "
+                                      f"export it again") from None
     flat = {}
     for name, shape in shapes.items():
-        bits = np.asarray(refs[name].load())
-        hf_mask = np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
-        flat[_our_path(name)] = hf_mask.T
+        flat[_our_path(name, path)] = _unpack(path, name, shape, refs.get(name))
     return masking.unflatten(flat), meta
 
 
-def _our_path(hf_name: str) -> tuple[str, ...]:
+def _unpack(path: Path, name: str, shape, ref) -> np.ndarray:
+    """One bit-packed mask -> bool [in, out] (our layout), after checking it against its declared shape."""
+    if (not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise convert.CheckpointError(f"{path}: damaged masks file (mask {name} has shape {shape!r}); export it "
+                                      f"again")
+    count = shape[0] * shape[1]
+    if ref is None or ref.dtype != np.uint8 or ref.shape != ((count + 7) // 8,):
+        found = "missing" if ref is None else f"{ref.dtype.name} {list(ref.shape)}"
+        raise convert.CheckpointError(f"{path}: damaged masks file (mask {name}: expected {(count + 7) // 8} "
+                                      f"packed bytes, found {found}); export it again")
+    hf_mask = np.unpackbits(np.asarray(ref.load()), count=count).astype(bool).reshape(shape)
+    return hf_mask.T
+
+
+def _our_path(hf_name: str, file: Path | None = None) -> tuple[str, ...]:
     """'model.layers.4.mlp.up_proj.weight' -> ('layers_4', 'mlp', 'up_proj', 'kernel')."""
     parts = hf_name.split(".")
-    assert parts[0] == "model" and parts[1] == "layers" and parts[-1] == "weight", hf_name
+    if not (len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[-1] == "weight"):
+        raise convert.CheckpointError(f"{file}: damaged masks file (tensor {hf_name!r} is not a decoder-layer "
+                                      f"weight); export it again")
     return (f"layers_{parts[2]}", parts[3], parts[4], "kernel")
 
 
-def apply_masks_file(base: str | Path, masks_file: str | Path, out: str | Path, dtype=None) -> Path:
-    """Rebuilds the dense masked model from a base HF checkpoint and a masks file."""
-    cfg, params = convert.load_hf(base, dtype=dtype)
-    masks, _ = load_masks(masks_file)
+def check_masks_fit(masks, cfg: LlamaConfig, masks_file, base) -> None:
+    """Every mask names a matrix of the base model with the mask's shape; else one line with the count and
+    first example of each kind of mismatch (checked on shapes only, before the base weights are read)."""
+    shapes = model.param_shapes(cfg)
+    missing, mismatched = [], []
     for p, m in masking.flatten(masks).items():
         try:
-            w = masking.get_path(params, p)
-        except KeyError:
-            raise ValueError(f"{masks_file}: mask for {convert.hf_name(p)} but the base model has no such "
-                             f"matrix") from None
-        if w.shape != m.shape:
-            raise ValueError(f"{masks_file}: mask for {convert.hf_name(p)} has shape {list(m.shape[::-1])}, "
-                             f"the base model's weight {list(w.shape[::-1])}")
-    return convert.save_hf(cfg, masking.apply_masks(params, masks), out, tokenizer_dir=_tokenizer_dir(base))
+            w = masking.get_path(shapes, p)
+        except (KeyError, TypeError):
+            missing.append(convert.hf_name(p))
+            continue
+        if tuple(w.shape) != tuple(m.shape):
+            mismatched.append(f"{convert.hf_name(p)}: mask {list(m.shape[::-1])}, base weight {list(w.shape[::-1])}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} for matrices the base model does not have (first: {missing[0]})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with other shapes (first: {mismatched[0]})")
+    if problems:
+        raise convert.CheckpointError(f"{masks_file} does not fit the base model {base} ({cfg.num_hidden_layers} "
+                                      f"layers, hidden size {cfg.hidden_size}): of its {len(masking.flatten(masks))} "
+                                      f"masks, " + " and ".join(problems) + "; give the base model the masks were "
+                                      "trained on")
+
+
+def apply_masks_file(base: str | Path, masks_file: str | Path, out: str | Path, dtype=None, *,
+                     overwrite: bool = False) -> Path:
+    """Rebuilds the dense masked model from a base HF checkpoint and a masks file.
+
+    Everything that needs only metadata (the output path, the base's config and file headers, the masks
+    file and its fit to the base's shapes) is checked before the base weights are read."""
+    outputs.check_target(out, inputs=[base, masks_file], overwrite=overwrite)
+    cfg = convert.load_config(base)
+    convert.tensor_index(base)  # validates every safetensors header against its file
+    masks, _ = load_masks(masks_file)
+    check_masks_fit(masks, cfg, masks_file, base)
+    cfg, params = convert.load_hf(base, dtype=dtype)
+    return convert.save_hf(cfg, masking.apply_masks(params, masks), out, tokenizer_dir=_tokenizer_dir(base),
+                           overwrite=overwrite, inputs=[base, masks_file], command="apply-masks")
 
 
 def _tokenizer_dir(path) -> str | None:
@@ -109,18 +154,35 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
-    """(run config, model config, base params at their stored dtype, Setup, state with masks) at `step`."""
+    """(run config, model config, base params at their stored dtype, Setup, state with masks) at `step`.
+
+    The run's config, its checkpoint steps and the base model's metadata are checked before any weight is read."""
     from mft_jax import train
 
     run = load_run_config(run_dir)
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory; train the run first (mft-jax train)")
     cfg = convert.load_config(run.model.path)
     mesh = mesh or sharding.make_mesh(config_lib.MeshConfig(data=-1))
     param_shardings = sharding.param_shardings(cfg, mesh)
-    _, params = convert.load_any(run.model.path, shardings=param_shardings)
-    setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1, micro_batches=1)
-    checkpointer = ckpt_lib.Checkpointer(Path(run_dir) / "checkpoints")
+    checkpointer = ckpt_lib.Checkpointer(checkpoints)
     try:
-        state, _ = checkpointer.restore(step, setup.checkpoint_target(params), data=False)
+        steps = checkpointer.all_steps()
+        if (step is None and not steps) or (step is not None and step not in steps):
+            raise FileNotFoundError(f"{checkpoints}: no checkpoint{'' if step is None else f' for step {step}'}; "
+                                    f"have steps {sorted(steps)}")
+        _, params = convert.load_any(run.model.path, shardings=param_shardings)
+        setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1, micro_batches=1)
+        step = max(steps) if step is None else step
+        train.check_trained_config(_data_state(checkpoints / str(step)), run, f"{checkpoints}/{step}", extend=True)
+        try:
+            state, _ = checkpointer.restore(step, setup.checkpoint_target(params), data=False)
+        except (config_lib.ConfigError, convert.CheckpointError, OSError):
+            raise
+        except Exception as e:
+            raise convert.CheckpointError(f"{checkpoints}: the checkpoint does not match the run's config.yaml or "
+                                          f"is damaged ({convert.error_summary(e)})") from e
     finally:
         checkpointer.close()
     with jax.set_mesh(mesh):
@@ -128,33 +190,58 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
     return run, cfg, params, setup, state
 
 
-def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, baseline: str | None = None,
-               seed: int = 0) -> dict:
-    """Writes OUT/masks.safetensors (MFT or a baseline) and OUT/hf (the dense masked model).
+def _data_state(step_dir: Path) -> dict | None:
+    """Process 0's data-iterator record of a checkpoint (it also holds the config the step was trained with)."""
+    try:
+        return json.loads((step_dir / "data" / "process_0.json").read_text())
+    except (OSError, ValueError):
+        return None
 
-    baseline: None (the run's learned masks), "random" (Bernoulli keep) or "magnitude" (smallest |W| dropped),
-    at the run's layers and keep ratios; for a baseline, RUN_DIR may also be a run config YAML file.
+
+def _export_inputs(run_dir: str | Path, run: RunConfig) -> list:
+    """What an export reads, which its output may not be, hold or lie inside: the config file (or the run's
+    config.yaml and checkpoints/; the output may lie elsewhere in the run directory), base model, tokenizer."""
+    run_dir = Path(run_dir)
+    reads = [run_dir] if run_dir.is_file() else [run_dir / "config.yaml", run_dir / "checkpoints"]
+    return [*reads, run.model.path, run.data.tokenizer]
+
+
+def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, baseline: str | None = None,
+               seed: int = 42, *, overwrite: bool = False) -> dict:
+    """Writes OUT/masks.safetensors (MFT or a baseline), OUT/hf (the dense masked model) and OUT/export.json.
+
+    baseline: None (the run's learned masks), "random" (Bernoulli keep, `seed`) or "magnitude" (smallest |W|
+    dropped), at the run's layers and keep ratios; for a baseline, RUN_DIR may also be a run config YAML file.
+    OUT is checked before anything loads and written as a whole (`outputs.new_dir`): an existing OUT is
+    replaced only if it is an earlier output of ours or with `overwrite`.
     On several processes every process calls it (the arrays may span them); process 0 writes the files.
     """
     out = Path(out)
     writer = jax.process_index() == 0
+    if baseline not in (None, "random", "magnitude"):
+        raise config_lib.ConfigError(f"baseline {baseline!r}: choose random or magnitude")
+    if baseline is not None and Path(run_dir).is_file():
+        run = config_lib.load(run_dir, verbose=False)
+    else:
+        run = load_run_config(run_dir)
+    inputs = _export_inputs(run_dir, run)
+    outputs.check_target(out, inputs=inputs, overwrite=overwrite)
+    tokenizer_dir = run.data.tokenizer or _tokenizer_dir(run.model.path)
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"data.tokenizer {tokenizer_dir!r} (from {run_dir}) is not a directory")
     if baseline is not None:
-        run = (config_lib.load(run_dir, verbose=False) if Path(run_dir).is_file() else load_run_config(run_dir))
         cfg, params = convert.load_any(run.model.path)
         if baseline == "random":
             masks = masking.random_masks(jax.random.key(seed), params, run.mask, cfg)
-        elif baseline == "magnitude":
-            masks = masking.magnitude_masks(params, run.mask, cfg)
         else:
-            raise ValueError(f"baseline {baseline!r}: choose random or magnitude")
+            masks = masking.magnitude_masks(params, run.mask, cfg)
         meta = {"baseline": baseline, "seed": seed}
-        effective, fft = masking.apply_masks(params, masks), False
+        effective = masking.apply_masks(params, masks)
     else:
         run, cfg, params, setup, state = restore_run(run_dir, step)
         step = int(state["step"])
         meta = {"run": str(Path(run_dir).absolute()), "step": step}
-        fft = run.train.mode == "fft"
-        masks = None if fft else state["masks"]
+        masks = None if run.train.mode == "fft" else state["masks"]
         effective = setup.effective_params(params, state)
     meta["base_model"] = str(Path(run.model.path).absolute())
     result = {"hf": str(out / "hf"), **meta}
@@ -163,12 +250,12 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
         result["masks"] = str(out / "masks.safetensors")
         result.update({k: float(v) for k, v in masking.mask_stats(masks).items()})
     if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        if masks is not None:
-            save_masks(out / "masks.safetensors", masks, run.mask, meta)
-        convert.save_hf(cfg, effective, out / "hf", dtype=cfg.dtype,
-                        tokenizer_dir=run.data.tokenizer or _tokenizer_dir(run.model.path))
-        (out / "export.json").write_text(json.dumps(result, indent=2))
+        with outputs.new_dir(out, inputs=inputs, overwrite=overwrite, command="export") as tmp:
+            if masks is not None:
+                save_masks(tmp / "masks.safetensors", masks, run.mask, meta)
+            convert.save_hf(cfg, effective, tmp / "hf", dtype=cfg.dtype, tokenizer_dir=tokenizer_dir,
+                            command="export")
+            (tmp / "export.json").write_text(json.dumps(result, indent=2))
     if jax.process_count() > 1:  # no process returns before the files exist
         from jax.experimental import multihost_utils
 
