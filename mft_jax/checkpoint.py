@@ -6,14 +6,28 @@ so a run killed mid-save never leaves a half-written checkpoint as the latest on
 
 On several processes every process calls save and restore: orbax writes and reads each process's shards of
 the state, and each process keeps its own data-iterator position (it reads its own rows) in `data/process_I.json`.
+
+A checkpoint that cannot be read (a disk fault, a file removed by hand) does not end the run: `restore_newest`
+warns, naming it, and resumes from the newest intact one; the unreadable ones are moved to
+`RUN/checkpoints_damaged/` (never deleted) so that the run can save those steps again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from mft_jax.convert import CheckpointError, error_summary
+
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 class Checkpointer:
@@ -52,14 +66,61 @@ class Checkpointer:
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
         if data and not (self.directory / str(step) / "data" / self._data_file).is_file():
-            raise FileNotFoundError(f"{self.directory}/{step} holds no data-iterator state for process "
-                                    f"{jax.process_index()} (data/{self._data_file}): it was saved by fewer "
-                                    f"processes; resume with the process count it was saved with")
+            saved_by = sorted((self.directory / str(step) / "data").glob("process_*.json"))
+            if not saved_by:
+                raise CheckpointError(f"{self.directory}/{step} is damaged: it holds no data-iterator state "
+                                      f"(data/process_*.json)")
+            raise CheckpointError(f"{self.directory}/{step} holds no data-iterator state for process "
+                                  f"{jax.process_index()} (data/{self._data_file}; it has "
+                                  f"{[f.name for f in saved_by]}): it was saved by {len(saved_by)} processes; "
+                                  f"resume with that process count")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], restored["data"] if data else None
+
+    def restore_newest(self, abstract_state, warn: Callable[[str], None] = print):
+        """(step, state, data state) of the newest checkpoint that can be read, or None when there is none.
+
+        Unreadable ones are skipped with a warning naming each and moved to RUN/checkpoints_damaged/; if none can
+        be read, a `CheckpointError` lists them all. A checkpoint saved by another process count is not damaged:
+        that error is raised as it is."""
+        failures = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                with _quiet_read_errors():
+                    state, data_state = self.restore(step, abstract_state)
+            except CheckpointError as e:
+                if "saved by" in str(e):
+                    raise
+                failures.append((step, str(e)))
+            except Exception as e:  # orbax and TensorStore raise many types for damaged files
+                failures.append((step, error_summary(e, limit=200)))
+            else:
+                if failures:
+                    self._set_aside([s for s, _ in failures])
+                return step, state, data_state
+            warn(f"warning: checkpoint {self.directory}/{step} cannot be read ({failures[-1][1]}); "
+                 f"trying the one before it")
+        if failures:
+            listed = "; ".join(f"{step}: {why}" for step, why in failures)
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read ({listed}); move the directory "
+                                  f"aside to start the run over, or copy intact checkpoints back")
+        return None
+
+    def _set_aside(self, steps: list[int]):
+        """Moves unreadable checkpoints out of the manager's directory (process 0; the others wait)."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / DAMAGED_DIR
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                os.replace(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mft_jax.checkpoint.set_aside")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """On several processes: whether all of them agreed to stop at `step` after one got SIGTERM (JAX's
@@ -77,3 +138,41 @@ class Checkpointer:
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings, for restoring onto a (possibly different) mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+
+@contextlib.contextmanager
+def _quiet_read_errors():
+    """orbax logs every failed tensor read with a long traceback, and TensorStore callbacks that finish after a
+    failed restore report "Event loop is closed" as unraisable exceptions (possibly later, from other threads).
+    `restore_newest` reports each failure in one line itself, so both are silenced: the log during the attempt,
+    the closed-loop reports from then on (nothing else is affected)."""
+    from absl import logging as absl_logging
+
+    if not getattr(sys.unraisablehook, "_mft_jax_quiet", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+                return
+            previous(unraisable)
+
+        hook._mft_jax_quiet = True
+        sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropUnretrieved) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropUnretrieved())
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+class _DropUnretrieved(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" reports of TensorStore reads that a failed restore
+    abandoned (their error is the one `restore_newest` already reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()

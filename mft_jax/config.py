@@ -277,8 +277,9 @@ class MaskConfig:
 class DataConfig:
     """SFT data: sources, chat template, tokenization, batching (see mft_jax.data)."""
 
-    # dataset_mixer: {source: rows}. A source is a local .jsonl / .parquet path or a Hugging Face dataset
-    # name; rows is how many rows to take after a seeded shuffle (null: all of them).
+    # dataset_mixer: {source: rows}. A source is a local .jsonl / .json / .parquet path or a Hugging Face dataset
+    # name (org/name: split train; org/name:split; org/name:config:split); rows is how many rows to take after
+    # a seeded shuffle (null: all of them). Row schemas: see mft_jax.data.schemas.
     train: dict[str, int | None] = field(default_factory=dict)
     dev: dict[str, int | None] = field(default_factory=dict)  # held-out loss and checkpoint selection
     tokenizer: str | None = None  # a HF tokenizer directory; None: the model directory
@@ -291,6 +292,9 @@ class DataConfig:
     seed: int = 42
     cache_dir: str | None = None  # tokenized TFDS cache; None: ~/.cache/mft_jax/data
     num_workers: int = 0  # grain worker processes
+    # Fail when a source drops more than this fraction of the rows taken from it (bad schema, no assistant
+    # turn, too long for max_seq_length, ...). Not part of the cache key: checked on every build and cache hit.
+    max_drop_fraction: float = 0.01
 
     def validate(self):
         _choice("data.template", self.template, ("tulu", "chat_template", "plain"))
@@ -304,6 +308,8 @@ class DataConfig:
                                       f"got {rows!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not (isinstance(self.max_drop_fraction, (int, float)) and 0 <= self.max_drop_fraction <= 1):
+            raise ConfigError(f"data.max_drop_fraction must be a number in [0, 1], got {self.max_drop_fraction!r}")
 
 
 @dataclass
@@ -336,6 +342,8 @@ class TrainConfig:
     micro_batch_size: int | None = None  # sequences per forward/backward; None: batch_size
     epochs: float = 2.0
     max_steps: int | None = None  # overrides epochs when set
+    # false: an epoch's last, partial batch is trained on (its empty rows weigh 0), as the reference does
+    drop_last: bool = False
     seed: int = 42
     log_every: int = 10
     eval_every: int | None = None  # dev-loss evaluation period in steps; None: only at the end
@@ -382,14 +390,23 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """Benchmark settings; each task decodes with its own olmes settings unless max_new_tokens overrides them,
+    in a context window of max_length tokens (olmes's model default, 2048)."""
+
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: each task's own (gsm8k 512, humaneval 512, ifeval 1280, math 1024)
+    max_length: int = 2048
     batch_size: int = 8
 
     def validate(self):
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"eval.limit must be > 0 or null, got {self.limit}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ConfigError(f"eval.max_new_tokens must be > 0 or null, got {self.max_new_tokens}")
+        if self.max_length <= 0 or (self.max_new_tokens or 0) >= self.max_length:
+            raise ConfigError(f"eval.max_length ({self.max_length}) must exceed eval.max_new_tokens "
+                              f"({self.max_new_tokens}); raise max_length")
 
 
 @dataclass
@@ -544,11 +561,16 @@ def _build(cls, raw: dict, prefix: str, notes: list[str]):
 def _set_override(tree: dict, assignment: str) -> None:
     import yaml
 
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. train.max_steps=10")
-    key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else ""
+    key, eq, text = assignment.partition("=")
     parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. train.max_steps=10")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"{key}='\"...\"'") from None
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -561,6 +583,9 @@ def from_dict(raw: dict, overrides: list[str] = (), verbose: bool = True) -> Run
     """Builds and validates a `RunConfig` from a nested dict plus `section.key=value` overrides."""
     import copy
 
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"a run config is a mapping of sections (model:, mask:, data:, ...), got "
+                          f"{type(raw).__name__} {str(raw)[:60]!r}")
     tree = copy.deepcopy(raw or {})
     for assignment in overrides:
         _set_override(tree, assignment)
@@ -574,15 +599,25 @@ def from_dict(raw: dict, overrides: list[str] = (), verbose: bool = True) -> Run
 
 
 def load(path: str | Path, overrides: list[str] = (), verbose: bool = True) -> RunConfig:
-    """Reads a YAML run config, applies `section.key=value` overrides, and validates it."""
+    """Reads a YAML run config, applies `section.key=value` overrides, and validates it. A missing file, a
+    YAML syntax error (as file:line:column) or a bad key is one line naming it (`ConfigError`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raise ConfigError(f"config file {str(path)!r} " + ("is a directory; give the YAML file" if path.is_dir()
+                                                           else "does not exist"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (YAML) file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ConfigError(f"{where}: YAML syntax error: {problem or str(e).splitlines()[0]}") from None
     try:
         return from_dict(raw, overrides, verbose)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None

@@ -12,10 +12,13 @@ The loss is sum(w * nll) / sum(w) over the whole optimizer batch (see mft_jax.lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 from mft_jax import checkpoint as ckpt_lib
-from mft_jax import convert, losses, masking, model, sharding
+from mft_jax import config as config_lib
+from mft_jax import convert, losses, masking, model, rundir, sharding
 from mft_jax.config import ConfigError, LlamaConfig, RunConfig
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
@@ -271,7 +276,70 @@ def check_run(run: RunConfig) -> LlamaConfig:
     if not Path(tokenizer).is_dir() or not any(Path(tokenizer).glob("tokenizer*")):
         raise ConfigError(f"no tokenizer in {tokenizer!r}: put the tokenizer files in the model directory or "
                           f"set data.tokenizer to a Hugging Face tokenizer directory")
+    _check_vocabulary(run, cfg, tokenizer)
     return cfg
+
+
+def _check_vocabulary(run: RunConfig, cfg: LlamaConfig, tokenizer_dir: str):
+    """Token ids the model has no embedding for give NaN losses after compiling: refuse them before."""
+    from mft_jax.data import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    used = {tokenizer.eos_token_id, tokenizer.bos_token_id if run.data.add_bos else None} - {None}
+    base_ids = tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    largest = max(base_ids - 1, *used)
+    if largest >= cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_dir!r} has token ids up to {largest} but model {run.model.path!r} "
+                          f"has vocab_size {cfg.vocab_size} (config.json): use the tokenizer the model was trained "
+                          f"with (data.tokenizer), or a model whose embeddings cover it")
+
+
+def _warn(message: str):
+    """Warnings go to stderr whatever the verbosity (a damaged checkpoint, a disk about to fill)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def checkpoint_bytes(run: RunConfig, cfg: LlamaConfig) -> int:
+    """Bytes of one checkpoint: the fp32 trainable tree (scores, or the params for FFT) and AdamW's two moments."""
+    shapes = model.param_shapes(cfg)
+    if run.train.mode == "mft":
+        shapes = [masking.get_path(shapes, p) for p in masking.masked_paths(cfg, run.mask)]
+    return 12 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def _check_disk(run_dir: Path, run: RunConfig, cfg: LlamaConfig):
+    """Refuses a run that cannot save one checkpoint; warns when `ckpt.keep` of them will not fit."""
+    size = checkpoint_bytes(run, cfg)
+    existing = sum(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*"))
+    keep, warn = run.ckpt.keep, _warn
+    free = shutil.disk_usage(run_dir).free
+    if free < 1.1 * size:
+        raise ResourceError(f"{run_dir}: {_size(free)} free, one checkpoint needs {_size(size)}; free space or put "
+                            f"run_dir on a larger disk")
+    needed = max(keep + 1 - existing, 1) * size
+    if free < needed:
+        warn(f"warning: {run_dir} has {_size(free)} free; ckpt.keep={keep} checkpoints need about {_size(needed)} "
+             f"more")
+
+
+def _size(nbytes: float) -> str:
+    """1000 -> '1000 B', 57552 -> '56.2 KiB' ..."""
+    if nbytes < 1024:
+        return f"{int(nbytes)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}"
+
+
+def _check_token_ids(inputs_BxL: np.ndarray, vocab_size: int, step: int):
+    """An id past the embedding table would give NaN (a host-side max over the batch costs microseconds)."""
+    largest = int(inputs_BxL.max(initial=0))
+    if largest >= vocab_size:
+        raise ConfigError(f"the batch of step {step} holds token id {largest}, but the model's vocab_size is "
+                          f"{vocab_size}: the data was tokenized with another tokenizer than the model's; set "
+                          f"data.tokenizer to the model's tokenizer")
 
 
 def total_steps(run: RunConfig, batches_per_epoch: int) -> int:
@@ -306,7 +374,8 @@ class MetricsLog:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step: TensorBoard drops the events of steps a resumed run trains again.
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
         except ImportError:  # TensorBoard logging is optional
             self.tb = None
         if progress_bar:
@@ -371,6 +440,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ResourceError(ConfigError):
+    """The machine cannot carry the run as configured (disk space); raised before any work."""
+
+    exit_code = 1
+
+
 # --------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------
@@ -386,24 +461,66 @@ def _dev_loss(setup, eval_fn, params, state, loader_factory) -> float | None:
 
 
 def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | None = None,
-          dev_metrics: Callable[[int, dict], dict] | None = None) -> dict:
+          dev_metrics: Callable[[int, dict], dict] | None = None, extend: bool = False) -> dict:
     """Runs (or resumes) a training run; returns a summary. Writes RUN/{config.yaml, metrics.jsonl, tb/,
-    checkpoints/}. `max_steps_this_run` stops early after that many steps (tests), like a preemption.
+    checkpoints/, DONE}. `max_steps_this_run` stops early after that many steps (tests), like a preemption.
 
+    The run directory is a contract (mft_jax.rundir): a config that changes results is refused, a longer run
+    needs `extend`, a finished run returns its summary untouched, and one process trains in it at a time.
     Every `train.eval_every` steps (and at the end) the dev loss is computed (when `data.dev` is set) and
     `dev_metrics(step, effective_params)`, if given, adds its own numbers (e.g. dev accuracy by generation)
     to that step's record. Checkpoint selection on dev reads these records from metrics.jsonl."""
-    import yaml
-
-    from mft_jax import data as data_lib
-
     cfg = check_run(run)
     run_dir = Path(run.run_dir)
+    changes, length_change = _check_run_dir(run, run_dir, extend)
+    done = run_dir / "DONE"
+    if done.is_file() and not length_change:
+        summary = {**json.loads(done.read_text() or "{}"), "already_finished": True}
+        if verbose:
+            print(f"run {run_dir} is already finished (step {summary.get('final_step')}/"
+                  f"{summary.get('total_steps')}); nothing to do (to train longer: raise train.max_steps and "
+                  f"pass --extend)")
+        return summary
+    writer = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-        (run_dir / "DONE").unlink(missing_ok=True)
+    with rundir.RunLock(run_dir) if writer else contextlib.nullcontext():
+        _check_disk(run_dir, run, cfg)  # before the data build and compiling
+        if writer:
+            text = yaml.safe_dump(run.to_dict(), sort_keys=False)
+            saved = run_dir / rundir.CONFIG_FILE
+            if not saved.is_file() or yaml.safe_load(saved.read_text()) != run.to_dict():
+                rundir.write_atomic(saved, text)
+            done.unlink(missing_ok=True)
+        return _train_locked(run, cfg, run_dir, verbose, max_steps_this_run, dev_metrics, extend,
+                             events={"config_change": changes, "extend": length_change})
 
+
+def _check_run_dir(run: RunConfig, run_dir: Path, extend: bool) -> tuple[dict, dict]:
+    """(allowed changes, run-length changes) against the config the run directory was started with."""
+    saved_file = run_dir / rundir.CONFIG_FILE
+    if not saved_file.is_file():
+        if run_dir.is_dir() and any(p.name not in _RUN_DIR_NAMES for p in run_dir.iterdir()):
+            raise rundir.RunDirError(f"run_dir {str(run_dir)!r} holds files that are not a run's "
+                                     f"({sorted(p.name for p in run_dir.iterdir())[:5]}); train writes into its "
+                                     f"run_dir, so give it a new or empty directory")
+        return {}, {}
+    try:
+        saved = config_lib.from_dict(yaml.safe_load(saved_file.read_text()) or {}, verbose=False).to_dict()
+    except (ConfigError, yaml.YAMLError) as e:
+        raise rundir.RunDirError(f"{saved_file} (the config this run was started with) cannot be read "
+                                 f"({str(e).splitlines()[0]}); use a new run_dir") from None
+    return rundir.check_config_change(saved, run.to_dict(), extend)
+
+
+# What `train` itself writes into a run directory (anything else there means the directory is not a run's).
+_RUN_DIR_NAMES = {rundir.CONFIG_FILE, rundir.METRICS_FILE, rundir.LOCK_FILE, "tb", "checkpoints",
+                  ckpt_lib.DAMAGED_DIR, "DONE"}
+
+
+def _train_locked(run, cfg, run_dir, verbose, max_steps_this_run, dev_metrics, extend, events) -> dict:
+    from mft_jax import data as data_lib
+
+    log_line = print if verbose else (lambda *a, **k: None)
     mesh = sharding.make_mesh(run.mesh)
     micro_size = run.train.micro_batch_size or run.train.batch_size
     dp = sharding.data_parallel_size(mesh)
@@ -415,33 +532,47 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
         raise ConfigError(f"train.batch_size ({run.train.batch_size}) must be a multiple of the process count "
                           f"({processes})")
     tokenizer_dir = run.data.tokenizer or run.model.path
-    loader = data_lib.make_loader(run.data, tokenizer_dir, "train", run.train.batch_size // processes)
+    loader = data_lib.make_loader(run.data, tokenizer_dir, "train", run.train.batch_size // processes,
+                                  drop_remainder=run.train.drop_last, verbose=verbose and jax.process_index() == 0)
     steps = total_steps(run, loader.batches_per_epoch)
     dev_loader = None
-    if run.data.dev:
+    if run.data.dev:  # built (and its drops checked) now, not at the first evaluation
+        data_lib.build_dataset(run.data, tokenizer_dir, "dev", verbose=verbose and jax.process_index() == 0)
+
         def dev_loader():
             return data_lib.make_loader(run.data, tokenizer_dir, "dev", micro_size // processes, num_epochs=1)
 
     param_shardings = sharding.param_shardings(cfg, mesh, model.param_shapes(cfg, run.model.dtype))
-    _, params = convert.load_any(run.model.path, dtype=run.model.dtype, shardings=param_shardings)
     setup = Setup(run, cfg, mesh, param_shardings, steps, run.train.batch_size // micro_size)
-
     checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", run.ckpt.keep, run.ckpt.save_every,
                                          run.ckpt.async_save)
-    start = checkpointer.latest_step()
+    _, params = convert.load_any(run.model.path, dtype=run.model.dtype, shardings=param_shardings)
     with sharding.axis_rules(), jax.set_mesh(mesh):
         step_fn = setup.jit_step(params)
         eval_fn = setup.jit_eval(params) if dev_loader else None
         effective_fn = jax.jit(setup.effective_params)
-        if start is None:
+        try:
+            restored = checkpointer.restore_newest(setup.checkpoint_target(params), warn=_warn)
+        except BaseException:
+            checkpointer.close()
+            raise
+        if restored is None:
             state = setup.init_state(params, jax.random.key(run.train.seed))
             start = 0
         else:
-            state, data_state = checkpointer.restore(start, setup.checkpoint_target(params))
+            start, state, data_state = restored
+            check_trained_config(data_state, run, f"{checkpointer.directory}/{start}", extend)
             state = setup.with_masks(state)
             loader.set_state(data_state)
-            if verbose:
-                print(f"resumed from {checkpointer.directory}/{start}")
+            log_line(f"resumed from {checkpointer.directory}/{start}")
+        if jax.process_index() == 0:
+            # Records after the restored step were written by a run that died before its next checkpoint;
+            # those steps are about to be trained again.
+            rundir.truncate_metrics(run_dir, start)
+            for event, change in events.items():
+                if change:
+                    rundir.append_metrics(run_dir, {"step": start, "event": event, "total_steps": steps,
+                                                    "changes": {k: list(v) for k, v in change.items()}})
 
         log = MetricsLog(run_dir, steps, start, progress_bar=verbose)
         summary = {"run_dir": str(run_dir), "total_steps": steps, "start_step": start}
@@ -485,7 +616,9 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
         try:
             with _StopSignal(enabled=jax.process_count() == 1) as stop:
                 for step in range(start, steps):
-                    batch = global_batch(to_micro_batches(next(loader), setup.micro_batches), mesh)
+                    host_batch = next(loader)
+                    _check_token_ids(host_batch["inputs"], cfg.vocab_size, step + 1)
+                    batch = global_batch(to_micro_batches(host_batch, setup.micro_batches), mesh)
                     state, metrics = step_fn(params, state, batch)
                     final_step = step + 1
                     due = final_step == steps or (run.train.eval_every and final_step % run.train.eval_every == 0)
@@ -498,12 +631,12 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
                     if stop.received or (max_steps_this_run and final_step - start >= max_steps_this_run):
                         stopped = stop.received or "max_steps_this_run"
                         break
-                    if checkpointer.save(final_step, _saved(state), loader.get_state()):
+                    if checkpointer.save(final_step, _saved(state), _data_state(loader, run)):
                         last_saved = final_step
                 if pending is not None:
                     drain(*pending)
             if last_saved != final_step:
-                checkpointer.save(final_step, _saved(state), loader.get_state(), force=True)
+                checkpointer.save(final_step, _saved(state), _data_state(loader, run), force=True)
             checkpointer.wait()
         finally:
             checkpointer.close()
@@ -516,8 +649,27 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
             print(f"stopped ({stopped}) at step {final_step}/{steps}; checkpoint saved. Run the same command "
                   f"again to resume.")
         if stopped is None and jax.process_index() == 0:
-            (run_dir / "DONE").write_text(json.dumps(summary, default=str))
+            rundir.write_atomic(run_dir / "DONE", json.dumps(summary, default=str))
     return summary
+
+
+def _data_state(loader, run: RunConfig) -> dict:
+    """What a checkpoint holds beside the state: the data-iterator position and the config it was trained with
+    (so that a hand-edited config.yaml cannot silently change what a resume or an export does)."""
+    return {**loader.get_state(), "run_config": run.to_dict()}
+
+
+def check_trained_config(data_state: dict | None, run: RunConfig, where: str, extend: bool = False):
+    """Refuses a run config that differs, in a key that changes results, from the one checkpoint `where` was
+    trained with (a no-op for checkpoints that predate this record)."""
+    trained = (data_state or {}).get("run_config")
+    if not trained:
+        return
+    try:
+        rundir.check_config_change(config_lib.from_dict(trained, verbose=False).to_dict(), run.to_dict(), extend)
+    except rundir.RunDirError as e:
+        raise rundir.RunDirError(f"checkpoint {where} was trained with another config than this command's "
+                                 f"(was {rundir.CONFIG_FILE} edited?): {e}") from None
 
 
 def _saved(state: dict) -> dict:
