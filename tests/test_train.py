@@ -16,6 +16,8 @@ import transformers
 
 from mft_jax import config, convert, export, masking, model, sharding, train
 from run_fixtures import make_model_dir, make_run
+from tolerances import (FP32_EPS, assert_close, assert_same_adam_training, forward_length, rounding_bound,
+                        step_length)
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -84,14 +86,24 @@ def _steps_one_device(run, model_dir, batches, micro):
     return state, metrics
 
 
-def _same_step(a, b, grad_norm_rtol):
-    """Two (state, metrics) results of one step agree: loss, grad norm and every trained value."""
+def _assert_same_training(state_a, state_b, run, cfg, steps, batch_shape):
+    """Trained values and Adam's moments of two runs of the same `steps` steps on [M, B, L] batches whose
+    reductions ran in other orders (same masks): within the gradients' rounding bound carried through Adam."""
+    schedule = train.lr_schedule(run.optim, steps)
+    lr_sum = sum(float(schedule(t)) for t in range(steps))
+    n = step_length(cfg, batch_shape[-1], int(np.prod(batch_shape)))  # every reduction of a step, tokens included
+    assert_same_adam_training(state_a, state_b, run.optim, steps=steps, lr_sum=lr_sum, n=n)
+
+
+def _same_step(a, b, run, cfg, batch_shape):
+    """Two (state, metrics) results of one step on an [M, B, L] batch, its reductions in other orders: loss,
+    grad norm, Adam's moments and every trained value agree within their rounding bounds."""
     (state_a, (metrics_a,)), (state_b, (metrics_b,)) = a, b
-    assert abs(float(metrics_a["loss"]) - float(metrics_b["loss"])) < 1e-6
-    norm_a, norm_b = float(metrics_a["grad_norm"]), float(metrics_b["grad_norm"])
-    assert abs(norm_a - norm_b) < grad_norm_rtol * norm_b
-    for x, y in zip(jax.tree.leaves(state_a["trainable"]), jax.tree.leaves(state_b["trainable"])):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    n = step_length(cfg, batch_shape[-1], int(np.prod(batch_shape)))
+    loss_b, norm_b = float(metrics_b["loss"]), float(metrics_b["grad_norm"])
+    assert_close(metrics_a["loss"], loss_b, rounding_bound(n, loss_b), "loss")
+    assert_close(metrics_a["grad_norm"], norm_b, rounding_bound(n, norm_b), "grad norm")  # normwise: relative
+    _assert_same_training(state_a, state_b, run, cfg, 1, batch_shape)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +115,12 @@ def single_device(tiny):
 def test_meshes_match_single_device(tiny, single_device, mesh_shape):
     _, _, ref_state, ref_losses, _ = single_device
     setup, params, state, losses, _ = _run_steps(tiny, mesh_shape)
-    np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+    batch_shape = (2, 8, 16)  # as _run_steps: [M, B, L]
+    # sharded matmuls, losses and gradients are summed over devices: other orders of every reduction of a step
+    n = step_length(setup.cfg, batch_shape[-1], int(np.prod(batch_shape)))
+    assert_close(losses, ref_losses, rounding_bound(n, np.abs(ref_losses)), "losses")
     assert losses[-1] < losses[0]  # it learns
-    for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(ref_state["trainable"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    _assert_same_training(state, ref_state, setup.run, setup.cfg, len(losses), batch_shape)
     # Scores and both Adam moments carry exactly their weights' shardings.
     mu, nu = state["opt_state"][0].mu, state["opt_state"][0].nu
     for path, score in masking.flatten(state["trainable"]).items():
@@ -170,7 +184,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
     run = make_run(root, model_dir, optim={"lr": 1e-3})
     results = [_steps_one_device(run, model_dir, [{k: v.reshape(micro, -1, v.shape[-1]) for k, v in batch.items()}],
                                  micro) for micro in (4, 1)]
-    _same_step(*results, grad_norm_rtol=1e-6)
+    _same_step(*results, run, cfg, batch["inputs"].shape)  # 4 micro-batches summed vs one: another order
 
 
 @pytest.mark.parametrize("mode", ["mft", "fft"])
@@ -179,11 +193,11 @@ def test_loss_chunk_step_equals_full_logits_step(tiny, mode):
     root, model_dir = tiny
     cfg = convert.load_config(model_dir)
     batches = _batches(cfg, 1, 2, 8, 16)
-    results = [_steps_one_device(make_run(root, model_dir, optim={"lr": 1e-3},
-                                          train={"mode": mode, "batch_size": 16, "micro_batch_size": 8},
-                                          model={"path": str(model_dir), "compute_dtype": "float32",
-                                                 "loss_chunk": chunk}), model_dir, batches, 2) for chunk in (5, 0)]
-    _same_step(*results, grad_norm_rtol=1e-5)
+    runs = [make_run(root, model_dir, optim={"lr": 1e-3}, train={"mode": mode, "batch_size": 16, "micro_batch_size": 8},
+                     model={"path": str(model_dir), "compute_dtype": "float32", "loss_chunk": chunk})
+            for chunk in (5, 0)]
+    results = [_steps_one_device(run, model_dir, batches, 2) for run in runs]
+    _same_step(*results, runs[1], cfg, batches[0]["inputs"].shape)  # the head's sums in chunks: another order
 
 
 def test_global_mode_steps(tiny):
@@ -199,7 +213,9 @@ def test_global_mode_steps(tiny):
     for path, s in scores.items():
         np.testing.assert_array_equal(np.asarray(masks[path]), np.asarray(s) >= 0.01, err_msg=str(path))
     kept = sum(int(np.sum(m)) for m in masks.values()) / sum(m.size for m in masks.values())
-    assert 0.2 < kept < 0.5 and float(metrics["kept"]) == pytest.approx(kept)  # N(0, 0.02) >= 0.01: ~31%
+    assert 0.2 < kept < 0.5  # N(0, 0.02) >= 0.01 at init: ~31%; a sanity range (Adam has moved the scores since)
+    # a ratio of counts below 2^24, one or two float32 roundings in the step (x / total, or x * (1 / total))
+    assert float(metrics["kept"]) == pytest.approx(kept, rel=2 * FP32_EPS, abs=0)
 
 
 def test_nan_loss_leaves_state_untouched(tiny):
@@ -311,8 +327,8 @@ def test_kill_and_resume_exports_identical_masks(tiny, tmp_path):
         return {r["step"]: r["loss"] for r in rows}
     la, lb = losses(straight), losses(killed)
     assert sorted(la) == sorted(lb) == list(range(1, 9))
-    for step in la:
-        assert abs(la[step] - lb[step]) < 1e-6, step
+    for step in la:  # exact: the resumed process replays the same compiled step on the restored (exact) state
+        assert la[step] == lb[step], step
     ea = export.export_run(straight.run_dir, tmp_path / "export_a")
     eb = export.export_run(killed.run_dir, tmp_path / "export_b")
     assert ea["step"] == eb["step"] == 8
@@ -356,7 +372,8 @@ def test_export_matches_masked_forward_and_transformers(tiny, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     ours = np.asarray(model.forward(cfg, masking.apply_masks(params, state["masks"]), tokens))
-    assert np.abs(ref - ours).max() < 1e-5
+    # torch and XLA sum every matmul, norm and softmax of the forward pass in their own orders
+    assert_close(ours, ref, rounding_bound(forward_length(cfg, 20), np.abs(ref).max()), "logits vs transformers")
     # apply-masks rebuilds the same model from the base and the masks file.
     rebuilt = _cli("apply-masks", "--base", str(model_dir), "--masks", result["masks"], "--out", str(tmp_path / "re"))
     assert rebuilt.returncode == 0, rebuilt.stderr
