@@ -441,29 +441,52 @@ def test_missing_tokenizer_for_to_hf(world, watch, tmp_path):
 # Permissions
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(ROOT_USER, reason="root ignores file permissions")
-def test_unreadable_config(world, tmp_path):
+def _deny(monkeypatch, path: Path, *, read: bool = False, write: bool = False):
+    """Takes a permission away from `path`: chmod for an ordinary user; for root, whom file modes do not stop
+    (CI runs as root), the same refusal simulated where the code meets it (open / os.access)."""
+    if not ROOT_USER:
+        path.chmod(0o555 if write else 0)
+        return
+    import builtins
+
+    if read:
+        real_open = builtins.open
+
+        def guarded_open(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", guarded_open)
+    if write:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == path and mode & os.W_OK
+                            else real_access(p, mode, *a, **k))
+
+
+def test_unreadable_config(world, tmp_path, monkeypatch):
     cfg = tmp_path / "run.yaml"
     shutil.copy(world["run_yaml"], cfg)
-    cfg.chmod(0)
+    watch = Watch(world["root"], tmp_path)
+    _deny(monkeypatch, cfg, read=True)
     try:
-        watch = Watch(world["root"], tmp_path)
-        watch.check(run_cli("train", "--config", cfg), 1, cfg, "Permission denied")
+        result = run_cli("train", "--config", cfg)
     finally:
+        monkeypatch.undo()
         cfg.chmod(0o644)
+    watch.check(result, 1, cfg, "Permission denied")
 
 
-@pytest.mark.skipif(ROOT_USER, reason="root ignores file permissions")
-def test_unwritable_output_parent(world, tmp_path):
+def test_unwritable_output_parent(world, tmp_path, monkeypatch):
     parent = tmp_path / "ro"
     parent.mkdir()
-    parent.chmod(0o555)
+    watch = Watch(world["root"], tmp_path)
+    _deny(monkeypatch, parent, write=True)
     try:
-        watch = Watch(world["root"], tmp_path)
-        watch.check(run_cli("apply-masks", "--base", world["model"], "--masks", world["masks"], "--out",
-                            parent / "out"), 1, parent, "permission denied")
+        result = run_cli("apply-masks", "--base", world["model"], "--masks", world["masks"], "--out", parent / "out")
     finally:
+        monkeypatch.undo()
         parent.chmod(0o755)
+    watch.check(result, 1, parent, "permission denied")
 
 
 # --------------------------------------------------------------------------------------------------------
