@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -312,15 +313,14 @@ def _check_disk(run_dir: Path, run: RunConfig, cfg: LlamaConfig):
     """Refuses a run that cannot save one checkpoint; warns when `ckpt.keep` of them will not fit."""
     size = checkpoint_bytes(run, cfg)
     existing = sum(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*"))
-    keep, warn = run.ckpt.keep, _warn
     free = shutil.disk_usage(run_dir).free
     if free < 1.1 * size:
         raise ResourceError(f"{run_dir}: {_size(free)} free, one checkpoint needs {_size(size)}; free space or put "
                             f"run_dir on a larger disk")
-    needed = max(keep + 1 - existing, 1) * size
+    needed = max(run.ckpt.keep + 1 - existing, 1) * size
     if free < needed:
-        warn(f"warning: {run_dir} has {_size(free)} free; ckpt.keep={keep} checkpoints need about {_size(needed)} "
-             f"more")
+        _warn(f"warning: {run_dir} has {_size(free)} free; ckpt.keep={run.ckpt.keep} checkpoints need about "
+              f"{_size(needed)} more")
 
 
 def _size(nbytes: float) -> str:
@@ -486,10 +486,9 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
     with rundir.RunLock(run_dir) if writer else contextlib.nullcontext():
         _check_disk(run_dir, run, cfg)  # before the data build and compiling
         if writer:
-            text = yaml.safe_dump(run.to_dict(), sort_keys=False)
             saved = run_dir / rundir.CONFIG_FILE
             if not saved.is_file() or yaml.safe_load(saved.read_text()) != run.to_dict():
-                rundir.write_atomic(saved, text)
+                rundir.write_atomic(saved, yaml.safe_dump(run.to_dict(), sort_keys=False))
             done.unlink(missing_ok=True)
         return _train_locked(run, cfg, run_dir, verbose, max_steps_this_run, dev_metrics, extend,
                              events={"config_change": changes, "extend": length_change})
@@ -538,33 +537,32 @@ def _train_locked(run, cfg, run_dir, verbose, max_steps_this_run, dev_metrics, e
     dev_loader = None
     if run.data.dev:  # built (and its drops checked) now, not at the first evaluation
         data_lib.build_dataset(run.data, tokenizer_dir, "dev", verbose=verbose and jax.process_index() == 0)
-
-        def dev_loader():
-            return data_lib.make_loader(run.data, tokenizer_dir, "dev", micro_size // processes, num_epochs=1)
+        dev_loader = functools.partial(data_lib.make_loader, run.data, tokenizer_dir, "dev", micro_size // processes,
+                                       num_epochs=1)
 
     param_shardings = sharding.param_shardings(cfg, mesh, model.param_shapes(cfg, run.model.dtype))
     setup = Setup(run, cfg, mesh, param_shardings, steps, run.train.batch_size // micro_size)
-    checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", run.ckpt.keep, run.ckpt.save_every,
-                                         run.ckpt.async_save)
     _, params = convert.load_any(run.model.path, dtype=run.model.dtype, shardings=param_shardings)
     with sharding.axis_rules(), jax.set_mesh(mesh):
         step_fn = setup.jit_step(params)
         eval_fn = setup.jit_eval(params) if dev_loader else None
         effective_fn = jax.jit(setup.effective_params)
+        checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", run.ckpt.keep, run.ckpt.save_every,
+                                             run.ckpt.async_save)
         try:
             restored = checkpointer.restore_newest(setup.checkpoint_target(params), warn=_warn)
-        except BaseException:
+            if restored is None:
+                state = setup.init_state(params, jax.random.key(run.train.seed))
+                start = 0
+            else:
+                start, state, data_state = restored
+                check_trained_config(data_state, run, f"{checkpointer.directory}/{start}", extend)
+                state = setup.with_masks(state)
+                loader.set_state(data_state)
+                log_line(f"resumed from {checkpointer.directory}/{start}")
+        except BaseException:  # the loop's own `finally` closes it from here on
             checkpointer.close()
             raise
-        if restored is None:
-            state = setup.init_state(params, jax.random.key(run.train.seed))
-            start = 0
-        else:
-            start, state, data_state = restored
-            check_trained_config(data_state, run, f"{checkpointer.directory}/{start}", extend)
-            state = setup.with_masks(state)
-            loader.set_state(data_state)
-            log_line(f"resumed from {checkpointer.directory}/{start}")
         if jax.process_index() == 0:
             # Records after the restored step were written by a run that died before its next checkpoint;
             # those steps are about to be trained again.
