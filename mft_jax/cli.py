@@ -160,16 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_error_types() -> tuple[type, ...]:
     """ConfigError subclasses that are about inputs and outputs rather than usage (exit 1, not 2). A class
     may also say so itself with an `exit_code` attribute."""
+    from mft_jax.data.sources import DataError
     from mft_jax.outputs import OutputError
 
-    types: list[type] = [OutputError]
-    try:
-        from mft_jax.data.sources import DataError
-
-        types.append(DataError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return OutputError, DataError
 
 
 def _one_line(message: str, limit: int = 2000) -> str:

@@ -598,18 +598,18 @@ def from_dict(raw: dict, overrides: list[str] = (), verbose: bool = True) -> Run
     return cfg
 
 
-def load(path: str | Path, overrides: list[str] = (), verbose: bool = True) -> RunConfig:
-    """Reads a YAML run config, applies `section.key=value` overrides, and validates it. A missing file, a
-    YAML syntax error (as file:line:column) or a bad key is one line naming it (`ConfigError`)."""
+def read_yaml(path: str | Path, what: str = "config file"):
+    """The parsed YAML file at `path`. A missing file, a directory, binary content or a YAML syntax error (as
+    file:line:column) is one line naming it (`ConfigError`)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} " + ("is a directory; give the YAML file" if path.is_dir()
-                                                           else "does not exist"))
+        raise ConfigError(f"{what} {str(path)!r} " + ("is a directory; give the YAML file" if path.is_dir()
+                                                      else "does not exist"))
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text (YAML) file") from None
     except yaml.YAMLError as e:
@@ -617,6 +617,12 @@ def load(path: str | Path, overrides: list[str] = (), verbose: bool = True) -> R
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
         raise ConfigError(f"{where}: YAML syntax error: {problem or str(e).splitlines()[0]}") from None
+
+
+def load(path: str | Path, overrides: list[str] = (), verbose: bool = True) -> RunConfig:
+    """Reads a YAML run config (`read_yaml`), applies `section.key=value` overrides, and validates it; a bad key
+    or value is one line naming the file and the key (`ConfigError`)."""
+    raw = read_yaml(path)
     try:
         return from_dict(raw, overrides, verbose)
     except ConfigError as e:

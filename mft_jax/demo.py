@@ -293,14 +293,7 @@ def plot(per_seed: list[dict], table: dict, path: Path) -> None:
 
 
 def _read_demo_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise config_lib.ConfigError(f"demo config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise config_lib.ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    raw = config_lib.read_yaml(path, "demo config")
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise config_lib.ConfigError(f"demo config {path}: expected sections of key: value (see {DEMO_CONFIG})")
     return raw

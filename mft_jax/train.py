@@ -504,10 +504,10 @@ def _check_run_dir(run: RunConfig, run_dir: Path, extend: bool) -> tuple[dict, d
                                      f"run_dir, so give it a new or empty directory")
         return {}, {}
     try:
-        saved = config_lib.from_dict(yaml.safe_load(saved_file.read_text()) or {}, verbose=False).to_dict()
-    except (ConfigError, yaml.YAMLError) as e:
-        raise rundir.RunDirError(f"{saved_file} (the config this run was started with) cannot be read "
-                                 f"({str(e).splitlines()[0]}); use a new run_dir") from None
+        saved = config_lib.load(saved_file, verbose=False).to_dict()
+    except ConfigError as e:
+        raise rundir.RunDirError(f"the config this run was started with cannot be read ({e}); use a new "
+                                 f"run_dir") from None
     return rundir.check_config_change(saved, run.to_dict(), extend)
 
 
