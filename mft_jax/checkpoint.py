@@ -30,6 +30,10 @@ from mft_jax.convert import CheckpointError, error_summary
 DAMAGED_DIR = "checkpoints_damaged"
 
 
+class ProcessCountError(CheckpointError):
+    """An intact checkpoint saved by another number of processes than this run has."""
+
+
 class Checkpointer:
     """RUN/checkpoints/N/{state, data}: save every `save_every` steps (async), keep the last `keep`."""
 
@@ -70,7 +74,7 @@ class Checkpointer:
             if not saved_by:
                 raise CheckpointError(f"{self.directory}/{step} is damaged: it holds no data-iterator state "
                                       f"(data/process_*.json)")
-            raise CheckpointError(f"{self.directory}/{step} holds no data-iterator state for process "
+            raise ProcessCountError(f"{self.directory}/{step} holds no data-iterator state for process "
                                   f"{jax.process_index()} (data/{self._data_file}; it has "
                                   f"{[f.name for f in saved_by]}): it was saved by {len(saved_by)} processes; "
                                   f"resume with that process count")
@@ -91,9 +95,9 @@ class Checkpointer:
             try:
                 with _quiet_read_errors():
                     state, data_state = self.restore(step, abstract_state)
+            except ProcessCountError:
+                raise
             except CheckpointError as e:
-                if "saved by" in str(e):
-                    raise
                 failures.append((step, str(e)))
             except Exception as e:  # orbax and TensorStore raise many types for damaged files
                 failures.append((step, error_summary(e, limit=200)))
