@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -166,6 +167,9 @@ def _quiet_read_errors():
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropUnretrieved) for f in asyncio_log.filters):
         asyncio_log.addFilter(_DropUnretrieved())
+        # The abandoned reads' coroutines are reported when collected, possibly much later.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning,
+                                module=r"(orbax|jax|asyncio)\.")
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)
     try:

@@ -139,7 +139,8 @@ def test_second_train_while_one_runs(model_dir, tmp_path):
     try:
         metrics = Path(run.run_dir) / "metrics.jsonl"
         deadline = time.time() + 240
-        while time.time() < deadline and not metrics.exists() and first.poll() is None:
+        # A step record means the loop runs, with its SIGTERM handler (which saves and exits 0) installed.
+        while time.time() < deadline and first.poll() is None and not (metrics.exists() and metrics.read_text()):
             time.sleep(0.2)
         assert first.poll() is None, first.communicate()[0]
         _check(run_cli("train", "--config", cfg), 1, f"pid {first.pid}", run.run_dir)
