@@ -12,6 +12,7 @@ Prints one JSON line per variant (tokens/s, ms/step, peak memory) and the MFT / 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import config, masking, model, sharding, train
+from mft_jax import config, data, masking, model, optim, sharding, step as step_lib
+from mft_jax.state import StateLayout
+from mft_jax.trees import merge, subtree
 
 PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
@@ -86,6 +89,19 @@ def _peak_bytes(compiled) -> int | None:
         return None
 
 
+def frozen_floor_step(loss_sums, paths, params, batch_MxBxL):
+    """The same forward and backward with weight gradients for the masked kernels, no mask or optimizer
+    work: the floor the MFT step is measured against."""
+    view = subtree(params, paths)
+
+    def accumulate(grad_acc, micro):
+        grad = jax.grad(lambda v: loss_sums(merge(params, v), micro)[0])(view)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), view)
+    return jax.lax.scan(accumulate, zeros, batch_MxBxL)[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -96,7 +112,7 @@ def main():
     parser.add_argument("--keep", type=float, default=0.9)
     parser.add_argument("--dtype", default=None, help="weights and compute dtype (default: bf16 on accelerators, "
                                                       "fp32 on CPU)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk: head + loss this many "
                                                                   "positions at a time (0 = off)")
@@ -104,13 +120,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the best of each is kept")
     parser.add_argument("--variants", default="frozen,mft", help="comma-separated: frozen (the floor), mft")
     parser.add_argument("--topk-width", type=int, default=None, help="thresholds per pass of the mask search "
-                                                                    "(default: masking.default_search_width())")
+                                                                    "(default: masking._search_width())")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of one chip, if the device "
                                                                        "kind is not in PEAK_BF16_TFLOPS")
     args = parser.parse_args()
 
     if args.topk_width is not None:  # every mask search of the step uses this width
-        masking.default_search_width = lambda: args.topk_width
+        masking._search_width = lambda: args.topk_width
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     cfg = config.LlamaConfig(**PRESETS[args.preset], max_position_embeddings=max(args.seq, 4096), dtype=dtype)
     run = config.from_dict({
@@ -124,7 +140,8 @@ def main():
     shapes = model.param_shapes(cfg, dtype)
     param_shardings = sharding.param_shardings(cfg, mesh, shapes)
     params = jax.jit(lambda k: model.init_params(cfg, k, dtype), out_shardings=param_shardings)(jax.random.key(0))
-    setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1000, micro_batches=args.micro)
+    layout = StateLayout.for_run(run, cfg, mesh, param_shardings, total_steps=1000)
+    loss_sums = step_lib.make_loss(run, cfg, layout.method.forward_options)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.micro, args.batch, args.seq + 1)).astype(np.int32)
@@ -138,14 +155,16 @@ def main():
         parser.error(f"--variants {args.variants!r}: give frozen, mft or frozen,mft")
     fns, peaks = {}, {}
     with sharding.axis_rules(), jax.set_mesh(mesh):
-        batch = train.global_batch(batch, mesh)
+        batch = data.to_global_batch(batch, sharding.batch_sharding(mesh))
         if "frozen" in variants:
-            floor = jax.jit(setup.frozen_floor_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
+            floor = jax.jit(functools.partial(frozen_floor_step, loss_sums, masking.masked_paths(cfg, run.mask)),
+                            in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
             fns["frozen"] = floor.lower(params, batch).compile()
             peaks["frozen"] = _peak_bytes(fns["frozen"])
         if "mft" in variants:
-            state = setup.init_state(params, jax.random.key(0))
-            step_compiled = setup.jit_step(params).lower(params, state, batch).compile()
+            state = layout.init(params, jax.random.key(0))
+            step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params)
+            step_compiled = step_fn.lower(params, state, batch).compile()
             peaks["mft"] = _peak_bytes(step_compiled)
 
             def run_step(params, batch):  # the state is donated, so thread it through
@@ -179,7 +198,7 @@ def main():
             "devices": len(jax.devices()), "seq": args.seq, "batch": args.batch, "micro": args.micro,
             "layers": args.layers, "dtype": dtype, "remat": args.remat, "attention": args.attention,
             "loss_chunk": args.loss_chunk,
-            "topk_width": masking.default_search_width(), "params": n_params,
+            "topk_width": masking._search_width(), "params": n_params,
             "tokens_per_s": round(tokens_per_step / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
             "tflops_per_s": round(flops / seconds / 1e12, 2), "peak_bf16_tflops": peak_chip,
             "necessary_flops_share_of_peak": None if share is None else round(share, 4),

@@ -4,7 +4,7 @@ Each search width (thresholds counted per pass over the scores) is timed in alte
 lines give ms per search, passes, and the read bandwidth the passes reach (bytes of |score| x passes / time),
 from scratch (`warm: false`, as at the start of a run) and warm-started from the previous step's cut with
 every score moved by +-lr (`warm: true`, as during training).
-On a GPU, the width with the lowest ms is the one to make `masking.default_search_width` return.
+On a GPU, the width with the lowest ms is the one to make `masking._search_width` return.
 
     python bench/topk.py --preset tiny                                  # CPU
     python bench/topk.py --preset llama2-7b --layers 4 5 6 7 --widths 1 3 7 15   # GPU
@@ -17,9 +17,8 @@ import json
 import time
 
 import jax
-import numpy as np
 
-from mft_jax import config, masking, model
+from mft_jax import config, masking, model, trees
 from step import PRESETS  # bench/step.py, next to this file
 
 
@@ -37,7 +36,7 @@ def main():
     cfg = config.LlamaConfig(**PRESETS[args.preset])
     mask_cfg = config.MaskConfig(masked_layers=args.layers, keep_attn=args.keep, keep_mlp=args.keep)
     mask_cfg.check_against(cfg)
-    shapes = masking.flatten(model.param_shapes(cfg, "float32"))
+    shapes = trees.flatten(model.param_shapes(cfg, "float32"))
     paths = masking.masked_paths(cfg, mask_cfg)
     key = jax.random.key(0)
     scores = [jax.jit(lambda k, s=shapes[p].shape: 0.02 * jax.random.normal(k, s))(jax.random.fold_in(key, i))
@@ -47,13 +46,13 @@ def main():
     old_scores = [s - args.lr * jax.random.rademacher(jax.random.fold_in(key, 1000 + i), s.shape, s.dtype)
                   for i, s in enumerate(scores)]
     keeps = [args.keep] * len(scores)
-    old_cuts = jax.jit(lambda ss: masking.topk_search(ss, keeps, 1)[1])(old_scores)
+    old_cuts = jax.jit(lambda ss: masking._topk_search(ss, keeps, 1).cuts)(old_scores)
     fns, compile_s, results = {}, {}, {}
     for w in args.widths:
         for warm in (False, True):
             def fn(ss, old, cuts, w=w, warm=warm):
-                masks, _, passes = masking.topk_search(ss, keeps, w, (old, cuts) if warm else None, True)
-                return masks, passes
+                found = masking._topk_search(ss, keeps, w, (old, cuts) if warm else None)
+                return found.masks, found.passes
             start = time.perf_counter()
             fns[w, warm] = jax.jit(fn).lower(scores, old_scores, old_cuts).compile()
             compile_s[w, warm] = time.perf_counter() - start
@@ -76,7 +75,7 @@ def main():
                           "elements": int(n), "width": w, "warm": warm, "passes": passes,
                           "ms": round(seconds * 1e3, 3), "compile_s": round(compile_s[w, warm], 2),
                           "read_gb_per_s": round(4 * n * (passes + 1) / seconds / 1e9, 1),
-                          "default": w == masking.default_search_width()}))
+                          "default": w == masking._search_width()}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`mft-jax` command line: train, export, apply-masks, eval, generate, convert, data, demo.
+"""`mft-jax` command line: train, export, apply-masks, eval, generate, convert, data, demo, sweep, landscape, plan.
 
 Every user error ends the command with one line on stderr, `mft-jax COMMAND: error: MESSAGE`, naming the
 input and the fix, and no traceback. Exit codes: 2 for usage errors (a bad flag, flag combination or config
@@ -75,8 +75,11 @@ def _export(args):
                           f"--baseline)")
     if args.baseline is not None and args.step is not None:
         raise ConfigError("--step selects a checkpoint of a trained run; a --baseline export has none")
+    if args.calibration_tokens is not None and args.baseline != "wanda":
+        raise ConfigError("--calibration-tokens sets the Wanda baseline's calibration data; use it with "
+                          "--baseline wanda")
     result = export.export_run(args.run, args.out, step=args.step, baseline=args.baseline, seed=args.seed,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, calibration_tokens=args.calibration_tokens)
     print(json.dumps(result, indent=2))
 
 
@@ -122,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (new, or an earlier output of mft-jax; it may "
                                                 "lie inside the run directory, e.g. RUN/export)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--baseline", choices=["random", "magnitude"], default=None,
+    p.add_argument("--baseline", choices=["random", "magnitude", "wanda"], default=None,
                    help="export a baseline mask at the run's layers and keep ratio instead of the learned one")
+    p.add_argument("--calibration-tokens", type=int, default=None,
+                   help="wanda: non-padding training tokens whose input norms score the weights (default "
+                        "262144 = 128 x 2048, as Wanda)")
     p.add_argument("--seed", type=int, default=42, help="seed of the random baseline (default 42, the reference's)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=_export)
@@ -144,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=_demo)
 
+    from mft_jax import landscape, sweep
+
+    landscape.add_parser(sub)
+    sweep.add_parser(sub)
     from mft_jax.data import add_data_commands
 
     add_data_commands(sub)

@@ -1,101 +1,44 @@
 """The offline end-to-end demo: the paper's protocol on a tiny Llama and a synthetic task, in minutes on a CPU.
 
-1. Make a task: two-step arithmetic word problems with worked solutions (train / dev / test, "messages"
-   format, answers checked by exact match), and a BPE tokenizer trained on it.
+1. Make a task (mft_jax.demo_task): arithmetic word problems, train / dev / test, and a BPE tokenizer on it.
 2. FFT a small Llama from random init through the normal trainer; dev accuracy (greedy generation) every
    `eval_every` steps; FFT-best = the best dev checkpoint, exported as a HF model.
-3. From FFT-best, with the same step budget: MFT, continued FFT; and the random and magnitude masks at the
-   same layers and keep ratio (no training).
-4. Every arm's checkpoint is chosen on dev, never on test, then scored on test (exact match and loss).
-5. Table, results.json and a PNG plot; with --seeds N, mean and standard deviation over seeds.
+3. From FFT-best, with the same step budget: MFT, continued FFT and LoRA; then MFT on the LoRA-merged model
+   (MFT on top of another fine-tuning method); and the random, magnitude and Wanda masks at the same layers
+   and keep ratio (no training).
+4. Every arm's checkpoint is chosen on dev, never on test, then scored on test (exact match and loss), and
+   its sharpness measured on dev batches (top Hessian eigenvalue and trace over the masked layers' kernels).
+5. Table, results.json and PNG plots (mft_jax.demo_report); with --seeds N, mean and std over seeds.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import re
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import yaml
 
 from mft_jax import config as config_lib
-from mft_jax import outputs
+from mft_jax import convert, demo_report, export, landscape, masking, model, outputs, train
+from mft_jax.data import load_tokenizer, train_bpe_tokenizer
+from mft_jax.demo_task import accuracy, make_task, read_rows
+from mft_jax.evaluate.base import EvalModel
+from mft_jax.evaluate.loss import Loss
+from mft_jax.trees import get_path
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-ARMS = ("fft_best", "mft", "continued_fft", "random_mask", "magnitude_mask")
-_NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon")
-_ITEMS = ("apples", "books", "coins", "marbles", "pens", "stickers", "cards", "shells")
-
-
-# --------------------------------------------------------------------------------------------------------
-# The task
-# --------------------------------------------------------------------------------------------------------
-
-def make_problem(rng: np.random.Generator, max_operand: int) -> dict:
-    """One word problem: start with a, then two changes (+ or -), never going below zero."""
-    name, item = _NAMES[rng.integers(len(_NAMES))], _ITEMS[rng.integers(len(_ITEMS))]
-    total = int(rng.integers(1, max_operand + 1))
-    clauses, steps = [], []
-    for _ in range(2):
-        n = int(rng.integers(1, max_operand + 1))
-        if rng.random() < 0.5 or n > total:
-            clauses.append(f"finds {n} more")
-            steps.append(f"{total} + {n} = {total + n}.")
-            total += n
-        else:
-            clauses.append(f"gives away {n}")
-            steps.append(f"{total} - {n} = {total - n}.")
-            total -= n
-    start = steps[0].split(" ")[0]
-    question = (f"{name} has {start} {item}. {name} {clauses[0]}, then {clauses[1]}. "
-                f"How many {item} does {name} have now?")
-    answer = " ".join(steps) + f" The answer is {total}."
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            "answer": total}
-
-
-def make_task(out: Path, seed: int, task_cfg: dict) -> dict[str, Path]:
-    """Writes train/dev/test .jsonl (disjoint questions) under OUT; returns their paths."""
-    rng = np.random.default_rng(seed)
-    sizes = {"train": task_cfg["train_examples"], "dev": task_cfg["dev_examples"], "test": task_cfg["test_examples"]}
-    seen, splits = set(), {}
-    for split, size in sizes.items():
-        rows = []
-        while len(rows) < size:
-            row = make_problem(rng, task_cfg["max_operand"])
-            key = row["messages"][0]["content"]
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-        splits[split] = out / f"{split}.jsonl"
-        splits[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return splits
-
-
-def last_number(text: str) -> int | None:
-    numbers = re.findall(r"-?\d+", text)
-    return int(numbers[-1]) if numbers else None
-
-
-def accuracy(eval_model, rows: list[dict], max_new_tokens: int) -> float:
-    """Exact match of the last number of the greedy completion with the answer."""
-    from mft_jax.data import format_tulu
-
-    prompts = [format_tulu(r["messages"][:1], add_generation_prompt=True) for r in rows]
-    completions = eval_model.complete(prompts, max_new_tokens=max_new_tokens)
-    return float(np.mean([last_number(c) == r["answer"] for c, r in zip(completions, rows)]))
+ARMS = ("fft_best", "mft", "continued_fft", "lora", "mft_on_lora", "random_mask", "magnitude_mask", "wanda_mask")
+TRAINED = {"mft": "mft", "continued_fft": "fft", "lora": "lora"}  # arm -> train.mode, from FFT-best
+BASELINES = {"random_mask": "random", "magnitude_mask": "magnitude", "wanda_mask": "wanda"}
 
 
 # --------------------------------------------------------------------------------------------------------
 # One seed
 # --------------------------------------------------------------------------------------------------------
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
 
 def _run_config(base: dict, **sections) -> config_lib.RunConfig:
     raw = copy.deepcopy(base)
@@ -115,124 +58,139 @@ def _best_step(run_dir: Path) -> tuple[int, float, list[tuple[int, float]]]:
     return best[0], best[1], curve
 
 
+class _Seed:
+    """One seed of the demo in OUT/seed{N}: its task, tokenizer, base run config and the arms' results."""
+
+    def __init__(self, seed: int, out: Path, demo_cfg: dict, verbose: bool):
+        self.seed, self.out, self.demo_cfg = seed, out, demo_cfg
+        self.log = print if verbose else (lambda *a, **k: None)
+        self.verbose = verbose
+        out.mkdir(parents=True, exist_ok=True)
+        self.splits = make_task(out, seed, demo_cfg["task"])
+        m = demo_cfg["model"]
+        texts = [msg["content"] for r in read_rows(self.splits["train"]) for msg in r["messages"]]
+        self.tok_dir = train_bpe_tokenizer(texts, m["vocab_size"], out / "tokenizer")
+        self.tokenizer = load_tokenizer(self.tok_dir)
+        self.cfg = config_lib.LlamaConfig(
+            vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+            num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
+            num_key_value_heads=m["num_key_value_heads"], max_position_embeddings=max(2 * m["max_seq_length"], 128),
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, tie_word_embeddings=False)
+        if len(self.tokenizer) > self.cfg.vocab_size:
+            raise config_lib.ConfigError(f"demo: the tokenizer has {len(self.tokenizer)} tokens, more than "
+                                         f"model.vocab_size {self.cfg.vocab_size}")
+        self.dev_rows, self.test_rows = read_rows(self.splits["dev"]), read_rows(self.splits["test"])
+        mask, arms = demo_cfg["mask"], demo_cfg["arms"]
+        wandb = demo_cfg["log"]["wandb_project"]
+        self.base = {
+            "model": {"compute_dtype": "float32"},
+            "mask": {"masked_layers": mask["masked_layers"], "keep_attn": mask["keep"], "keep_mlp": mask["keep"],
+                     "init": mask["init"], "std": mask["std"]},
+            "lora": {"rank": arms["lora_rank"], "alpha": arms["lora_alpha"], "dropout": arms["lora_dropout"]},
+            "data": {"train": {str(self.splits["train"]): None}, "dev": {str(self.splits["dev"]): None},
+                     "tokenizer": str(self.tok_dir), "max_seq_length": m["max_seq_length"],
+                     "cache_dir": str(out / "data_cache")},
+            "optim": {"warmup_ratio": 0.0},
+            "train": {"seed": seed, "log_every": 50},
+            "ckpt": {"keep": 1000, "async_save": False},
+            "mesh": {"data": -1},
+            "log": {"wandb": {"project": wandb, "group": demo_cfg["log"]["wandb_group"],
+                              "mode": demo_cfg["log"]["wandb_mode"]} if wandb else None},
+        }
+
+    def dev_metrics(self, step, params):
+        model_ = EvalModel(self.cfg, params, self.tokenizer, str(self.tok_dir), compute_dtype="float32",
+                           batch_size=len(self.dev_rows))
+        return {"dev_accuracy": accuracy(model_, self.dev_rows, self.demo_cfg["eval"]["max_new_tokens"])}
+
+    def train_arm(self, name: str, mode: str, start: Path, optim: dict, steps: int, batch_size: int,
+                  eval_every: int) -> tuple[Path, int, float, list]:
+        """Trains one arm from `start`, chooses its checkpoint on dev and exports it; (hf dir, step, dev, curve)."""
+        self.log(f"[seed {self.seed}] {name}: {steps} steps from {start.parent.name}")
+        wandb = self.base["log"]["wandb"]
+        run = _run_config(self.base, run_dir=str(self.out / name), model={"path": str(start)}, optim=optim,
+                          train={"mode": mode, "batch_size": batch_size, "max_steps": steps,
+                                 "eval_every": eval_every}, ckpt={"save_every": eval_every},
+                          log={"wandb": wandb and {**wandb, "name": f"seed{self.seed}-{name}"}})
+        train.train(run, verbose=self.verbose, dev_metrics=self.dev_metrics)
+        step, dev, curve = _best_step(self.out / name)
+        export.export_run(self.out / name, self.out / f"{name}_best", step=step)
+        return self.out / f"{name}_best" / "hf", step, dev, curve
+
+
 def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict:
-    import jax
-
-    from mft_jax import convert, export, model, train
-    from mft_jax.data import load_tokenizer, train_bpe_tokenizer
-    from mft_jax.evaluate.base import EvalModel
-    from mft_jax.evaluate.loss import Loss
-
-    log = print if verbose else (lambda *a, **k: None)
-    out.mkdir(parents=True, exist_ok=True)
-    task_cfg, model_cfg, fft_cfg, arm_cfg, mask_cfg = (demo_cfg[k] for k in ("task", "model", "fft", "arms", "mask"))
-    max_new = demo_cfg["eval"]["max_new_tokens"]
+    """Every arm of one seed; returns its results (also written to OUT/results.json)."""
     started = time.perf_counter()
+    s = _Seed(seed, out, demo_cfg, verbose)
+    fft_cfg, arm_cfg = demo_cfg["fft"], demo_cfg["arms"]
+    init_dir = convert.save_hf(s.cfg, model.init_params(s.cfg, jax.random.key(seed)), out / "init",
+                               tokenizer_dir=s.tok_dir)
 
-    # 1. Task, tokenizer, a random Llama saved as a HF checkpoint.
-    splits = make_task(out, seed, task_cfg)
-    texts = [m["content"] for r in _read_rows(splits["train"]) for m in r["messages"]]
-    tok_dir = train_bpe_tokenizer(texts, model_cfg["vocab_size"], out / "tokenizer")
-    tokenizer = load_tokenizer(tok_dir)
-    cfg = config_lib.LlamaConfig(
-        vocab_size=model_cfg["vocab_size"], hidden_size=model_cfg["hidden_size"],
-        intermediate_size=model_cfg["intermediate_size"], num_hidden_layers=model_cfg["num_hidden_layers"],
-        num_attention_heads=model_cfg["num_attention_heads"], num_key_value_heads=model_cfg["num_key_value_heads"],
-        max_position_embeddings=max(2 * model_cfg["max_seq_length"], 128), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    if len(tokenizer) > cfg.vocab_size:
-        raise config_lib.ConfigError(f"demo: the tokenizer has {len(tokenizer)} tokens, more than "
-                                     f"model.vocab_size {cfg.vocab_size}")
-    init_dir = convert.save_hf(cfg, model.init_params(cfg, jax.random.key(seed)), out / "init", tokenizer_dir=tok_dir)
-    dev_rows, test_rows = _read_rows(splits["dev"]), _read_rows(splits["test"])
+    # FFT from random init; FFT-best on dev, exported.
+    best_dir, fft_step, fft_dev, fft_curve = s.train_arm(
+        "fft", "fft", init_dir, {"lr": fft_cfg["lr"], "warmup_ratio": fft_cfg["warmup_ratio"]}, fft_cfg["steps"],
+        fft_cfg["batch_size"], fft_cfg["eval_every"])
+    s.log(f"[seed {seed}] FFT-best: step {fft_step}, dev accuracy {fft_dev:.3f}")
 
-    def dev_metrics(step, params):
-        return {"dev_accuracy": accuracy(EvalModel(cfg, params, tokenizer, str(tok_dir), compute_dtype="float32",
-                                                   batch_size=len(dev_rows)), dev_rows, max_new)}
-
-    base = {
-        "model": {"compute_dtype": "float32"},
-        "mask": {"masked_layers": mask_cfg["masked_layers"], "keep_attn": mask_cfg["keep"],
-                 "keep_mlp": mask_cfg["keep"], "init": mask_cfg["init"], "std": mask_cfg["std"]},
-        "data": {"train": {str(splits["train"]): None}, "dev": {str(splits["dev"]): None},
-                 "tokenizer": str(tok_dir), "max_seq_length": model_cfg["max_seq_length"],
-                 "cache_dir": str(out / "data_cache")},
-        "optim": {"warmup_ratio": 0.0},
-        "train": {"seed": seed, "log_every": 50},
-        "ckpt": {"keep": 1000, "async_save": False},
-        "mesh": {"data": -1},
-    }
-
-    # 2. FFT from random init; FFT-best on dev, exported.
-    log(f"[seed {seed}] FFT from random init: {fft_cfg['steps']} steps")
-    fft_run = _run_config(base, run_dir=str(out / "fft"), model={"path": str(init_dir)},
-                          optim={"lr": fft_cfg["lr"], "warmup_ratio": fft_cfg["warmup_ratio"]},
-                          train={"mode": "fft", "batch_size": fft_cfg["batch_size"], "max_steps": fft_cfg["steps"],
-                                 "eval_every": fft_cfg["eval_every"]},
-                          ckpt={"save_every": fft_cfg["eval_every"]})
-    train.train(fft_run, verbose=verbose, dev_metrics=dev_metrics)
-    fft_step, fft_dev, fft_curve = _best_step(out / "fft")
-    export.export_run(out / "fft", out / "fft_best", step=fft_step)
-    best_dir = out / "fft_best" / "hf"
-    log(f"[seed {seed}] FFT-best: step {fft_step}, dev accuracy {fft_dev:.3f}")
-
-    # 3. Arms from FFT-best with the same step budget.
-    arm_train = {"batch_size": arm_cfg["batch_size"], "max_steps": arm_cfg["steps"], "eval_every": arm_cfg["eval_every"]}
-    chosen = {"fft_best": (best_dir, fft_step, fft_dev)}
-    curves = {"fft": fft_curve}
-    for arm, mode, lr in (("mft", "mft", arm_cfg["mft_lr"]), ("continued_fft", "fft", arm_cfg["fft_lr"])):
-        log(f"[seed {seed}] {arm}: {arm_cfg['steps']} steps from FFT-best")
-        run = _run_config(base, run_dir=str(out / arm), model={"path": str(best_dir)}, optim={"lr": lr},
-                          train={**arm_train, "mode": mode}, ckpt={"save_every": arm_cfg["eval_every"]})
-        train.train(run, verbose=verbose, dev_metrics=dev_metrics)
-        step, dev, curve = _best_step(out / arm)
-        export.export_run(out / arm, out / f"{arm}_best", step=step)
-        chosen[arm] = (out / f"{arm}_best" / "hf", step, dev)
-        curves[arm] = [(fft_step + s, a) for s, a in curve]
-    baseline_run = _run_config(base, run_dir=str(out / "baselines"), model={"path": str(best_dir)})
+    # The trained arms from FFT-best with the same step budget, then MFT on the LoRA-merged model.
+    budget = (arm_cfg["steps"], arm_cfg["batch_size"], arm_cfg["eval_every"])
+    chosen, curves = {"fft_best": (best_dir, fft_step, fft_dev)}, {"fft": fft_curve}
+    starts = {"mft": best_dir, "continued_fft": best_dir, "lora": best_dir, "mft_on_lora": None}
+    for arm, start in starts.items():
+        mode = TRAINED.get(arm, "mft")
+        lr = arm_cfg[{"mft": "mft_lr", "fft": "fft_lr", "lora": "lora_lr"}[mode]]
+        hf_dir, step, dev, curve = s.train_arm(arm, mode, start or chosen["lora"][0], {"lr": lr}, *budget)
+        chosen[arm] = (hf_dir, step, dev)
+        curves[arm] = [(fft_step + t, a) for t, a in curve]
     baseline_cfg = out / "baseline.yaml"
-    baseline_cfg.write_text(yaml.safe_dump(baseline_run.to_dict()))
-    for arm, kind in (("random_mask", "random"), ("magnitude_mask", "magnitude")):
-        export.export_run(baseline_cfg, out / arm, baseline=kind, seed=seed)
+    baseline_cfg.write_text(yaml.safe_dump(_run_config(s.base, run_dir=str(out / "baselines"),
+                                                       model={"path": str(best_dir)}).to_dict()))
+    for arm, kind in BASELINES.items():
+        export.export_run(baseline_cfg, out / arm, baseline=kind, seed=seed,
+                          calibration_tokens=demo_cfg["baselines"]["wanda_calibration_tokens"])
         chosen[arm] = (out / arm / "hf", None, None)
 
-    # 4. Test (and dev, for the baselines) on each arm's chosen checkpoint.
-    results = {"seed": seed, "arms": {}}
-    mask_check = {}
-    best_params = None  # FFT-best, loaded once for the masked arms' sparsity check (only read on the host)
-    for arm, (hf_dir, step, dev) in chosen.items():
-        arm_cfg_model, params = convert.load_hf(hf_dir)
-        eval_model = EvalModel(arm_cfg_model, params, tokenizer, str(tok_dir), compute_dtype="float32",
-                               batch_size=len(test_rows))
-        if dev is None:
-            dev = accuracy(eval_model, dev_rows, max_new)
-        test_data = config_lib.DataConfig(train={str(splits["test"]): None}, tokenizer=str(tok_dir),
-                                          max_seq_length=model_cfg["max_seq_length"], cache_dir=str(out / "data_cache"))
-        loss = Loss(test_data, str(tok_dir), split="train").run(eval_model)["loss"]
-        results["arms"][arm] = {"test_accuracy": accuracy(eval_model, test_rows, max_new), "test_loss": loss,
-                                "dev_accuracy": dev, "step": step}
-        if arm != "fft_best" and arm != "continued_fft":  # masked arms: check the exact sparsity
-            if best_params is None:
-                _, best_params = convert.load_hf(best_dir)
-            mask_check[arm] = _masked_zero_fraction(best_params, params, mask_cfg, cfg)
-    results["masked_zeros"] = mask_check
-    results["curves"] = curves
+    results = {"seed": seed, "arms": _score_arms(s, chosen, best_dir), "curves": curves}
+    results["masked_zeros"] = {arm: r.pop("masked_zeros") for arm, r in results["arms"].items() if "masked_zeros" in r}
+    results["landscape"] = _interpolations(s, chosen, best_dir)
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
+def _score_arms(s: _Seed, chosen: dict, best_dir: Path) -> dict:
+    """Test accuracy and loss of every arm's chosen model (dev accuracy for the untrained ones), its
+    sharpness on dev batches, and for masked arms the exact count of the zeros they added."""
+    out, max_new = {}, s.demo_cfg["eval"]["max_new_tokens"]
+    _, best_params = convert.load_hf(best_dir)
+    test_data = config_lib.DataConfig(train={str(s.splits["test"]): None}, tokenizer=str(s.tok_dir),
+                                      max_seq_length=s.demo_cfg["model"]["max_seq_length"],
+                                      cache_dir=str(s.out / "data_cache"))
+    batches, paths = _dev_batches(s), _masked_paths(s)
+    for arm, (hf_dir, step, dev) in chosen.items():
+        arm_cfg, params = convert.load_hf(hf_dir)
+        eval_model = EvalModel(arm_cfg, params, s.tokenizer, str(s.tok_dir), compute_dtype="float32",
+                               batch_size=len(s.test_rows))
+        if dev is None:
+            dev = accuracy(eval_model, s.dev_rows, max_new)
+        out[arm] = {"test_accuracy": accuracy(eval_model, s.test_rows, max_new), "dev_accuracy": dev, "step": step,
+                    "test_loss": Loss(test_data, str(s.tok_dir), split="train").run(eval_model)["loss"]}
+        out[arm].update(_sharpness(s, params, batches, paths))
+        if arm in ("mft", "random_mask", "magnitude_mask", "wanda_mask"):  # masked from FFT-best: exact count
+            out[arm]["masked_zeros"] = _masked_zero_fraction(best_params, params, s.demo_cfg["mask"], s.cfg)
+    return out
+
+
 def _masked_zero_fraction(base_params, params, mask_cfg: dict, cfg) -> dict:
     """Zeros the arm added in the masked matrices, against int((1 - keep) * n) per matrix (local top-k)."""
-    from mft_jax import masking
-
     mc = config_lib.MaskConfig(masked_layers=mask_cfg["masked_layers"], keep_attn=mask_cfg["keep"],
                                keep_mlp=mask_cfg["keep"])
     new_zeros = expected = exact = 0
     paths = masking.masked_paths(cfg, mc)
     for path in paths:
-        w = np.asarray(masking.get_path(base_params, path))
-        added = int((np.asarray(masking.get_path(params, path)) == 0).sum() - (w == 0).sum())
+        w = np.asarray(get_path(base_params, path))
+        added = int((np.asarray(get_path(params, path)) == 0).sum() - (w == 0).sum())
         target = int((1 - mask_cfg["keep"]) * w.size)
         new_zeros, expected, exact = new_zeros + added, expected + target, exact + (added == target)
     return {"new_zeros": new_zeros, "expected_local_topk": expected, "matrices_exact": exact,
@@ -240,57 +198,44 @@ def _masked_zero_fraction(base_params, params, mask_cfg: dict, cfg) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Report
+# Loss landscape
 # --------------------------------------------------------------------------------------------------------
 
-def summarize(per_seed: list[dict]) -> dict:
-    table = {}
-    for arm in ARMS:
-        rows = [r["arms"][arm] for r in per_seed]
-        table[arm] = {}
-        for metric in ("test_accuracy", "test_loss", "dev_accuracy"):
-            values = np.asarray([row[metric] for row in rows], np.float64)
-            table[arm][metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1
-                                  else 0.0, "values": values.tolist()}
-    return table
+def _masked_paths(s: _Seed) -> list:
+    mask = s.demo_cfg["mask"]
+    return masking.masked_paths(s.cfg, config_lib.MaskConfig(masked_layers=mask["masked_layers"]))
 
 
-def format_table(table: dict, seeds: int) -> str:
-    pm = " +- std" if seeds > 1 else ""
-    lines = [f"{'arm':<16} {'test acc' + pm:>20} {'test loss' + pm:>20} {'dev acc':>9}"]
-    for arm, metrics in table.items():
-        acc, loss, dev = (metrics[k] for k in ("test_accuracy", "test_loss", "dev_accuracy"))
-        acc_s = f"{acc['mean']:.3f}" + (f" +- {acc['std']:.3f}" if seeds > 1 else "")
-        loss_s = f"{loss['mean']:.4f}" + (f" +- {loss['std']:.4f}" if seeds > 1 else "")
-        lines.append(f"{arm:<16} {acc_s:>20} {loss_s:>20} {dev['mean']:>9.3f}")
-    return "\n".join(lines)
+def _dev_batches(s: _Seed) -> list[dict]:
+    """The first `landscape.dev_batches` batches of the dev split, in file order."""
+    cfg = s.demo_cfg["landscape"]
+    return landscape.dev_batches(_run_config(s.base), str(s.tok_dir), cfg["dev_batches"], cfg["batch_size"])
 
 
-def plot(per_seed: list[dict], table: dict, path: Path) -> None:
-    import matplotlib
+def _sharpness(s: _Seed, params, batches, paths) -> dict:
+    """Top Hessian eigenvalue and trace of the dev loss over the masked kernels (the same probes for every arm)."""
+    cfg = s.demo_cfg["landscape"]
+    found = landscape.sharpness(s.cfg, params, batches, paths, eigs=cfg["eigenvalues"], iters=cfg["iterations"],
+                                probes=cfg["probes"], key=jax.random.key(s.seed))
+    return {"top_eigenvalue": found["top_eigenvalues"][0], "hessian_trace": found["trace"],
+            "hessian_trace_stderr": found["trace_stderr"], "landscape_loss": found["loss"]}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    colors = {"fft": "tab:blue", "continued_fft": "tab:orange", "mft": "tab:green"}
-    for i, result in enumerate(per_seed):
-        for arm, curve in result["curves"].items():
-            steps, accs = zip(*curve)
-            ax.plot(steps, accs, color=colors[arm], alpha=0.9 if i == 0 else 0.35, marker="o", markersize=3,
-                    label={"fft": "FFT", "continued_fft": "continued FFT", "mft": "MFT"}[arm] if i == 0 else None)
-    for arm, color, label in (("random_mask", "tab:red", "random mask"), ("magnitude_mask", "tab:purple",
-                                                                           "magnitude mask")):
-        ax.axhline(table[arm]["dev_accuracy"]["mean"], color=color, linestyle="--", label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("dev accuracy (exact match)")
-    ax.set_title(f"mft-jax demo ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _interpolations(s: _Seed, chosen: dict, best_dir: Path) -> dict:
+    """Dev loss along the straight lines FFT-best -> MFT and FFT-best -> continued FFT (every param moved)."""
+    _, best = convert.load_hf(best_dir)
+    batches = _dev_batches(s)
+    out = {}
+    for arm in ("mft", "continued_fft"):
+        _, params = convert.load_hf(chosen[arm][0])
+        alphas = np.linspace(0.0, 1.0, s.demo_cfg["landscape"]["points"]).tolist()
+        out[arm] = landscape.interpolate(s.cfg, best, params, batches, points=alphas)
+    return out
 
+
+# --------------------------------------------------------------------------------------------------------
+# Config and the whole demo
+# --------------------------------------------------------------------------------------------------------
 
 def _read_demo_yaml(path: Path) -> dict:
     raw = config_lib.read_yaml(path, "demo config")
@@ -365,17 +310,19 @@ def run(out: str | Path = "runs/demo", seeds: int = 1, config_path: str | Path |
 def _run(out: Path, seeds: int, demo_cfg: dict, verbose: bool) -> dict:
     started = time.perf_counter()
     per_seed = [run_seed(seed, out / f"seed{seed}", demo_cfg, verbose) for seed in range(seeds)]
-    table = summarize(per_seed)
+    table = demo_report.summarize(per_seed)
     report = {"seeds": seeds, "table": table, "per_seed": per_seed, "config": demo_cfg,
               "seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    plot(per_seed, table, out / "dev_accuracy.png")
+    demo_report.plot(per_seed, table, out / "dev_accuracy.png")
+    demo_report.plot_landscape(per_seed, table, out / "landscape.png")
     print()
-    print(format_table(table, seeds))
-    print(f"\nmasked-matrix zeros (new / expected): "
+    print(demo_report.format_table(table, seeds))
+    print("\nmasked-matrix zeros (new / expected): "
           + ", ".join(f"{arm} {c['new_zeros']}/{c['expected_local_topk']}"
                       for arm, c in per_seed[0]["masked_zeros"].items()))
-    print(f"wrote {out / 'results.json'} and {out / 'dev_accuracy.png'} in {report['seconds']:.0f} s")
+    print(f"wrote {out / 'results.json'}, {out / 'dev_accuracy.png'} and {out / 'landscape.png'} in "
+          f"{report['seconds']:.0f} s")
     return report
 
 

@@ -16,10 +16,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import safetensors
+import safetensors.numpy
+
 from mft_jax import checkpoint as ckpt_lib
 from mft_jax import config as config_lib
-from mft_jax import convert, masking, model, outputs, sharding
+from mft_jax import baselines, convert, masking, model, outputs, sharding
 from mft_jax.config import LlamaConfig, MaskConfig, RunConfig
+from mft_jax.state import StateLayout
+from mft_jax.train import check_trained_config
+from mft_jax.trees import flatten, get_path, unflatten
 
 MASKS_FORMAT = "mft_jax.masks/1"
 
@@ -31,19 +37,14 @@ MASKS_FORMAT = "mft_jax.masks/1"
 def save_masks(path: str | Path, masks, mask_cfg: MaskConfig, metadata: dict | None = None) -> Path:
     """Writes bool masks (our [in, out] kernel layout) as a bit-packed safetensors file in HF layout."""
     path = Path(path)
-    tensors, shapes, keeps = [], {}, {}
-    for p, mask in masking.flatten(masks).items():
-        hf_mask = np.asarray(jax.device_get(mask), dtype=bool).T  # HF layout [out, in]
-        bits = np.packbits(hf_mask.reshape(-1))
-        name = convert.hf_name(p)
-        tensors.append((name, bits.shape, np.uint8, lambda bits=bits: bits))
-        shapes[name] = list(hf_mask.shape)
-        keeps[name] = masking.keep_fraction(p, mask_cfg)
-    meta = {"format": MASKS_FORMAT, "shapes": json.dumps(shapes), "keep": json.dumps(keeps),
-            "mask": json.dumps(dataclasses.asdict(mask_cfg))}
+    hf_masks = {convert.hf_name(p): np.asarray(jax.device_get(m), dtype=bool).T for p, m in flatten(masks).items()}
+    packed = masking.pack(hf_masks)  # {(name,): (bits, [out, in])}
+    keeps = {convert.hf_name(p): masking.keep_fraction(p, mask_cfg) for p in flatten(masks)}
+    meta = {"format": MASKS_FORMAT, "shapes": json.dumps({name: list(shape) for (name,), (_, shape) in packed.items()}),
+            "keep": json.dumps(keeps), "mask": json.dumps(dataclasses.asdict(mask_cfg))}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
-    convert.write_safetensors(tmp, tensors, metadata=meta)
+    safetensors.numpy.save_file({name: bits for (name,), (bits, _) in packed.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -56,10 +57,16 @@ def load_masks(path: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"masks file {str(path)!r} does not exist" if not path.exists() else
                                 f"masks file {str(path)!r} is a directory; give the masks.safetensors file")
-    refs, meta = convert.read_safetensors_header(path)
-    if meta.get("format") != MASKS_FORMAT:
-        raise convert.CheckpointError(f"{path}: not an mft_jax masks file (format {meta.get('format')!r}, expected "
-                                      f"{MASKS_FORMAT!r}); give the masks.safetensors that `mft-jax export` wrote")
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != MASKS_FORMAT:
+                raise convert.CheckpointError(
+                    f"{path}: not an mft_jax masks file (format {meta.get('format')!r}, expected {MASKS_FORMAT!r}); "
+                    f"give the masks.safetensors that `mft-jax export` wrote")
+            bits = {name: f.get_tensor(name) for name in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise convert.CheckpointError(f"{path}: damaged or truncated masks file ({e}); export it again") from None
     try:
         shapes = json.loads(meta["shapes"])
         if not isinstance(shapes, dict):
@@ -67,24 +74,23 @@ def load_masks(path: str | Path) -> tuple[dict, dict]:
     except (KeyError, TypeError, ValueError) as e:
         raise convert.CheckpointError(f"{path}: damaged masks file (metadata 'shapes' unreadable: {e}); "
                                       f"export it again") from None
-    flat = {}
-    for name, shape in shapes.items():
-        flat[_our_path(name, path)] = _unpack(path, name, shape, refs.get(name))
-    return masking.unflatten(flat), meta
+    packed = {(name,): (_checked_bits(path, name, shape, bits.get(name)), tuple(shape))
+              for name, shape in shapes.items()}
+    hf_masks = masking.unpack(packed)
+    return unflatten({_our_path(name, path): m.T for name, m in hf_masks.items()}), meta
 
 
-def _unpack(path: Path, name: str, shape, ref) -> np.ndarray:
-    """One bit-packed mask -> bool [in, out] (our layout), after checking it against its declared shape."""
+def _checked_bits(path: Path, name: str, shape, bits) -> np.ndarray:
+    """One mask's packed bits, after checking them against its declared shape."""
     if (not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape)):
         raise convert.CheckpointError(f"{path}: damaged masks file (mask {name} has shape {shape!r}); export it "
                                       f"again")
     count = shape[0] * shape[1]
-    if ref is None or ref.dtype != np.uint8 or ref.shape != ((count + 7) // 8,):
-        found = "missing" if ref is None else f"{ref.dtype.name} {list(ref.shape)}"
+    if bits is None or bits.dtype != np.uint8 or bits.shape != ((count + 7) // 8,):
+        found = "missing" if bits is None else f"{bits.dtype.name} {list(bits.shape)}"
         raise convert.CheckpointError(f"{path}: damaged masks file (mask {name}: expected {(count + 7) // 8} "
                                       f"packed bytes, found {found}); export it again")
-    hf_mask = np.unpackbits(np.asarray(ref.load()), count=count).astype(bool).reshape(shape)
-    return hf_mask.T
+    return bits
 
 
 def _our_path(hf_name: str, file: Path | None = None) -> tuple[str, ...]:
@@ -101,9 +107,9 @@ def check_masks_fit(masks, cfg: LlamaConfig, masks_file, base) -> None:
     first example of each kind of mismatch (checked on shapes only, before the base weights are read)."""
     shapes = model.param_shapes(cfg)
     missing, mismatched = [], []
-    for p, m in masking.flatten(masks).items():
+    for p, m in flatten(masks).items():
         try:
-            w = masking.get_path(shapes, p)
+            w = get_path(shapes, p)
         except (KeyError, TypeError):
             missing.append(convert.hf_name(p))
             continue
@@ -116,7 +122,7 @@ def check_masks_fit(masks, cfg: LlamaConfig, masks_file, base) -> None:
         problems.append(f"{len(mismatched)} with other shapes (first: {mismatched[0]})")
     if problems:
         raise convert.CheckpointError(f"{masks_file} does not fit the base model {base} ({cfg.num_hidden_layers} "
-                                      f"layers, hidden size {cfg.hidden_size}): of its {len(masking.flatten(masks))} "
+                                      f"layers, hidden size {cfg.hidden_size}): of its {len(flatten(masks))} "
                                       f"masks, " + " and ".join(problems) + "; give the base model the masks were "
                                       "trained on")
 
@@ -154,11 +160,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
-    """(run config, model config, base params at their stored dtype, Setup, state with masks) at `step`.
+    """(run config, model config, base params at their stored dtype, state layout, state) at `step`.
 
     The run's config, its checkpoint steps and the base model's metadata are checked before any weight is read."""
-    from mft_jax import train
-
     run = load_run_config(run_dir)
     checkpoints = Path(run_dir) / "checkpoints"
     if not checkpoints.is_dir():
@@ -173,11 +177,11 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
             raise FileNotFoundError(f"{checkpoints}: no checkpoint{'' if step is None else f' for step {step}'}; "
                                     f"have steps {sorted(steps)}")
         _, params = convert.load_any(run.model.path, shardings=param_shardings)
-        setup = train.Setup(run, cfg, mesh, param_shardings, total_steps=1, micro_batches=1)
+        layout = StateLayout.for_run(run, cfg, mesh, param_shardings)
         step = max(steps) if step is None else step
-        train.check_trained_config(_data_state(checkpoints / str(step)), run, f"{checkpoints}/{step}", extend=True)
+        check_trained_config(_data_state(checkpoints / str(step)), run, f"{checkpoints}/{step}", extend=True)
         try:
-            state, _ = checkpointer.restore(step, setup.checkpoint_target(params), data=False)
+            saved, _ = checkpointer.restore(step, layout.checkpoint_target(params), data=False)
         except (config_lib.ConfigError, convert.CheckpointError, OSError):
             raise
         except Exception as e:
@@ -186,8 +190,8 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
     finally:
         checkpointer.close()
     with jax.set_mesh(mesh):
-        state = setup.with_masks(state)
-    return run, cfg, params, setup, state
+        state = layout.restore(saved, params)
+    return run, cfg, params, layout, state
 
 
 def _data_state(step_dir: Path) -> dict | None:
@@ -207,19 +211,22 @@ def _export_inputs(run_dir: str | Path, run: RunConfig) -> list:
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, baseline: str | None = None,
-               seed: int = 42, *, overwrite: bool = False) -> dict:
+               seed: int = 42, *, overwrite: bool = False, calibration_tokens: int | None = None) -> dict:
     """Writes OUT/masks.safetensors (MFT or a baseline), OUT/hf (the dense masked model) and OUT/export.json.
 
-    baseline: None (the run's learned masks), "random" (Bernoulli keep, `seed`) or "magnitude" (smallest |W|
-    dropped), at the run's layers and keep ratios; for a baseline, RUN_DIR may also be a run config YAML file.
+    baseline: None (the run's learned masks), "random" (Bernoulli keep, `seed`), "magnitude" (smallest |W|
+    dropped) or "wanda" (|W| * input norm over `calibration_tokens` training tokens, mft_jax.baselines), at the
+    run's layers and keep ratios; for a baseline, RUN_DIR may also be a run config YAML file.
     OUT is checked before anything loads and written as a whole (`outputs.new_dir`): an existing OUT is
     replaced only if it is an earlier output of ours or with `overwrite`.
     On several processes every process calls it (the arrays may span them); process 0 writes the files.
     """
     out = Path(out)
     writer = jax.process_index() == 0
-    if baseline not in (None, "random", "magnitude"):
-        raise config_lib.ConfigError(f"baseline {baseline!r}: choose random or magnitude")
+    if baseline not in (None, "random", "magnitude", "wanda"):
+        raise config_lib.ConfigError(f"baseline {baseline!r}: choose random, magnitude or wanda")
+    if calibration_tokens is not None and calibration_tokens <= 0:
+        raise config_lib.ConfigError(f"--calibration-tokens must be > 0, got {calibration_tokens}")
     if baseline is not None and Path(run_dir).is_file():
         run = config_lib.load(run_dir, verbose=False)
     else:
@@ -231,18 +238,21 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
         raise FileNotFoundError(f"data.tokenizer {tokenizer_dir!r} (from {run_dir}) is not a directory")
     if baseline is not None:
         cfg, params = convert.load_any(run.model.path)
+        meta = {"baseline": baseline, "seed": seed}
         if baseline == "random":
             masks = masking.random_masks(jax.random.key(seed), params, run.mask, cfg)
-        else:
+        elif baseline == "magnitude":
             masks = masking.magnitude_masks(params, run.mask, cfg)
-        meta = {"baseline": baseline, "seed": seed}
+        else:
+            masks, meta = baselines.wanda_baseline(run, cfg, params, tokenizer_dir, calibration_tokens or
+                                                   baselines.DEFAULT_CALIBRATION_TOKENS, verbose=writer)
         effective = masking.apply_masks(params, masks)
     else:
-        run, cfg, params, setup, state = restore_run(run_dir, step)
-        step = int(state["step"])
-        meta = {"run": str(Path(run_dir).absolute()), "step": step}
-        masks = None if run.train.mode == "fft" else state["masks"]
-        effective = setup.effective_params(params, state)
+        run, cfg, params, layout, state = restore_run(run_dir, step)
+        step = int(state.step)
+        meta = {"run": str(Path(run_dir).absolute()), "step": step, "method": run.train.mode}
+        masks = layout.method.masks(state.derived)
+        effective = layout.dense(params, state)
     meta["base_model"] = str(Path(run.model.path).absolute())
     result = {"hf": str(out / "hf"), **meta}
     masks, effective = _to_host(masks), _to_host(effective)
@@ -282,7 +292,7 @@ def load_model(spec: str) -> tuple[LlamaConfig, dict, str | None]:
     Returns (model config, params to run, tokenizer directory)."""
     path, _, step = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir():
-        run, cfg, params, setup, state = restore_run(path, int(step) if step else None)
-        return cfg, setup.effective_params(params, state), run.data.tokenizer or _tokenizer_dir(run.model.path)
+        run, cfg, params, layout, state = restore_run(path, int(step) if step else None)
+        return cfg, layout.dense(params, state), run.data.tokenizer or _tokenizer_dir(run.model.path)
     cfg, params = convert.load_any(path)
     return cfg, params, _tokenizer_dir(path)

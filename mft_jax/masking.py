@@ -1,30 +1,27 @@
-"""MFT masks: which kernels are masked, their scores, exact top-k masks, straight-through gradient.
+"""MFT's masks: which kernels are masked, their scores, exact top-k masks and the straight-through gradient.
 
-Semantics (../shared/docs/MFT.md): per masked matrix of n weights, local mode keeps exactly
-n - int((1 - keep) * n) weights, those with the largest |score|; ties at the cut are broken by flat index
-(among equal |score|, higher flat indices are kept), which is what a stable ascending sort that drops its
-first int((1 - keep) * n) entries does. Global mode keeps score >= threshold (signed).
+Local mode keeps exactly n - int((1 - keep) * n) weights of each masked matrix of n weights, those of largest
+|score|, ties at the cut kept by higher flat index (a stable ascending sort that drops the first n - k; the
+reference's GPU sort leaves the order of ties arbitrary); global mode keeps
+score >= threshold. The k-th largest |score| is found by a counting search over the float bits, warm-started
+from the previous step's cut, with no sort and no all-gather on a sharded matrix: docs/method.md derives it.
 
-The k-th largest |score| is found by a search over the float bits (non-negative float32 values order
-like their int32 bit patterns): bisection on CPU (31 counting passes from scratch), a 4-ary search on
-accelerators (16 passes, 3 thresholds counted per read), warm-started from the previous step's cut during
-training (one pass to confirm a bracket, then ~17 or ~9 passes), plus a search over the flat index only
-when ties straddle the cut; all masked matrices are searched together (`topk_search`). Each pass is an
-elementwise compare and a sum, so on a sharded matrix only a few counts cross devices; no sort, no all-gather.
-
-Pytrees: `scores` and `masks` mirror the params pytree restricted to the masked kernels, e.g.
-{"layers_4": {"self_attn": {"q_proj": {"kernel": f32[D, H*Dh]}}}}. Kernels are [in, out] as in the model.
+Public API: `masked_paths`, `init_scores`, `topk_masks`, `score_grads` / `ste_masks` (the straight-through
+gradient, closed form and autodiff form), `apply_masks`, `random_masks`, `magnitude_masks`, `pack` / `unpack`,
+`mask_stats`. Scores and masks mirror the params pytree restricted to the masked kernels
+({"layers_4": {"self_attn": {"q_proj": {"kernel": f32[D, H*Dh]}}}}); kernels are [in, out] as in the model.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mft_jax.config import LlamaConfig, MaskConfig
+from mft_jax.trees import flatten, get_path, merge, subtree, unflatten
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -32,7 +29,7 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 
 
 # --------------------------------------------------------------------------------------------------------
-# Paths and pytree helpers
+# Which kernels, how many kept
 # --------------------------------------------------------------------------------------------------------
 
 def masked_paths(cfg: LlamaConfig, mask_cfg: MaskConfig) -> list[tuple[str, ...]]:
@@ -49,42 +46,6 @@ def masked_paths(cfg: LlamaConfig, mask_cfg: MaskConfig) -> list[tuple[str, ...]
 
 def is_attn(path: tuple[str, ...]) -> bool:
     return path[1] == "self_attn"
-
-
-def get_path(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def flatten(tree) -> dict[tuple[str, ...], jax.Array]:
-    """Nested dict -> {path: leaf}."""
-    return {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: dict[tuple[str, ...], object]) -> dict:
-    out: dict = {}
-    for path, leaf in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return out
-
-
-def subtree(params, paths) -> dict:
-    """The params restricted to `paths` (same nesting)."""
-    return unflatten({p: get_path(params, p) for p in paths})
-
-
-def merge(params, sub) -> dict:
-    """params with the leaves of `sub` replaced (a new dict; params is not modified)."""
-    def replace(node, sub_node):
-        out = dict(node)
-        for key, value in sub_node.items():
-            out[key] = replace(node[key], value) if isinstance(value, dict) else value
-        return out
-    return replace(params, sub)
 
 
 def keep_fraction(path, mask_cfg: MaskConfig) -> float:
@@ -119,8 +80,35 @@ def init_scores(key: jax.Array, params, mask_cfg: MaskConfig, cfg: LlamaConfig) 
 
 
 # --------------------------------------------------------------------------------------------------------
-# Exact local top-k
+# Masks from scores
 # --------------------------------------------------------------------------------------------------------
+
+def topk_masks(scores, mask_cfg: MaskConfig, previous=None) -> tuple[dict, jax.Array]:
+    """(bool masks, cuts) for a scores pytree: local top-k of |score| per matrix, or global score >= threshold.
+
+    cuts [matrices] int32: each matrix's k-th largest |score| as float32 bits (empty in global mode).
+    previous = (old scores, old cuts), from the step before, warm-starts the local search (same masks)."""
+    flat = flatten(scores)
+    if mask_cfg.mode == "global":
+        return unflatten({path: score >= (mask_cfg.threshold_attn if is_attn(path) else mask_cfg.threshold_mlp)
+                          for path, score in flat.items()}), jnp.zeros(0, jnp.int32)
+    paths = list(flat)
+    if previous is not None:
+        old_flat = flatten(previous[0])
+        previous = ([old_flat[p] for p in paths], previous[1])
+    found = _topk_search([flat[p] for p in paths], [keep_fraction(p, mask_cfg) for p in paths], previous=previous)
+    return unflatten(dict(zip(paths, found.masks))), found.cuts
+
+
+# --------------------------------------------------------------------------------------------------------
+# The exact local top-k search (private; docs/method.md)
+# --------------------------------------------------------------------------------------------------------
+
+class _Found(NamedTuple):
+    masks: list  # bool, one per matrix
+    cuts: jax.Array  # [matrices] int32 float bits of each k-th largest |score| (0 where keep == 1)
+    passes: jax.Array  # passes over the scores (the bracket check included; the tie search not)
+
 
 def _count(x) -> jax.Array:
     return jnp.sum(x, dtype=jnp.int32)
@@ -136,7 +124,7 @@ def _flat_index(shape) -> jax.Array:
     return index
 
 
-def default_search_width() -> int:
+def _search_width() -> int:
     """Thresholds counted per pass over the scores: 1 (bisection) on CPU, where each compare costs about as much
     as reading the element, 3 on accelerators, where a pass is bound by memory and 3 compares per element are
     free: 16 passes instead of 31 (measure others with `bench/topk.py`)."""
@@ -173,25 +161,15 @@ def _search(width: int, lo, hi, c_lo, c_hi, target, count_fn):
     return lo, c_lo, c_hi, passes
 
 
-def topk_search(scores: list[jax.Array], keeps: list[float], width: int | None = None,
-                previous: tuple[list[jax.Array], jax.Array] | None = None, with_passes: bool = False):
-    """Exact local top-k masks of several matrices at once, and their cuts.
-
-    Returns (masks, cuts): cuts [len(scores)] int32 holds each matrix's k-th largest |score| as float32 bits
-    (0 where keep == 1.0). One search runs for all matrices together: each pass is one compare-and-count
-    fusion per matrix (reading it once) and one all-reduce of a small vector of counts, inside one compiled
-    loop. The counts at the ends of the final bracket give the number of ties at the cut for free; only when
-    ties straddle the cut does a second search over the flat index run. `width`: thresholds per pass
-    (`default_search_width`).
-
-    previous = (old_scores, old_cuts), the scores and cuts of the step before, warm-starts the search: an
-    order statistic moves no further than the values do, so the new cut lies within max |(|s'| - |s|)| of the
-    old one. One pass counts at the ends of that bracket; where the counts confirm it, the search starts
-    from it (after an optimizer step, a bracket some 2^17 floats wide instead of 2^31), and elsewhere from
-    the whole range. The masks are the same either way. with_passes=True adds a third output: the number of
-    passes over the scores (the bracket check included, the tie search and the final compare not).
-    """
-    width = default_search_width() if width is None else width
+def _topk_search(scores: list[jax.Array], keeps: list[float], width: int | None = None,
+                 previous: tuple[list[jax.Array], jax.Array] | None = None) -> _Found:
+    """Exact local top-k masks of several matrices at once, searched together: each pass is one
+    compare-and-count fusion per matrix and one all-reduce of a small vector of counts, in one compiled loop.
+    The counts at the ends of the final bracket give the ties at the cut for free; only when ties straddle
+    the cut does a second search over the flat index run. `width`: thresholds per pass (`_search_width`).
+    previous = (old_scores, old_cuts) warm-starts the search from a bracket around the old cut (an order
+    statistic moves no further than the values do); where one pass confirms it, the search starts there."""
+    width = _search_width() if width is None else width
     ks = [num_kept(s.size, keep) for s, keep in zip(scores, keeps)]
     for s in scores:
         if s.size >= 2**31 - 64:
@@ -199,7 +177,7 @@ def topk_search(scores: list[jax.Array], keeps: list[float], width: int | None =
     masks: list = [jnp.ones(s.shape, bool) for s in scores]
     todo = [i for i, (s, k) in enumerate(zip(scores, ks)) if k < s.size]  # keep == 1.0 masks nothing
     if not todo:
-        return (masks, jnp.zeros(len(scores), jnp.int32)) + ((jnp.zeros((), jnp.int32),) if with_passes else ())
+        return _Found(masks, jnp.zeros(len(scores), jnp.int32), jnp.zeros((), jnp.int32))
     bits = [jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32) for i in todo]
     index = {b.shape: _flat_index(b.shape) for b in bits}
 
@@ -244,40 +222,7 @@ def topk_search(scores: list[jax.Array], keeps: list[float], width: int | None =
     for r, (i, b) in enumerate(zip(todo, bits)):
         masks[i] = (b > v[r]) | ((b == v[r]) & (index[b.shape] >= p[r]))
     cuts = jnp.zeros(len(scores), jnp.int32).at[jnp.asarray(todo)].set(v)
-    return (masks, cuts) + ((passes,) if with_passes else ())
-
-
-def topk_mask_group(scores: list[jax.Array], keeps: list[float], width: int | None = None) -> list[jax.Array]:
-    """Exact local top-k masks of several matrices at once (`topk_search` without a warm start)."""
-    return topk_search(scores, keeps, width)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("keep", "width"))
-def topk_mask(score: jax.Array, keep: float, width: int | None = None) -> jax.Array:
-    """bool mask keeping exactly num_kept(n, keep) entries of largest |score|; ties kept by higher index."""
-    return topk_mask_group([score], [keep], width)[0]
-
-
-def topk_masks(scores, mask_cfg: MaskConfig) -> dict:
-    """bool masks for a scores pytree: local top-k of |score| per matrix, or global score >= threshold."""
-    return masks_and_cuts(scores, mask_cfg)[0]
-
-
-def masks_and_cuts(scores, mask_cfg: MaskConfig, previous=None) -> tuple[dict, jax.Array]:
-    """(masks, cuts) for a scores pytree; cuts [matrices] int32 as `topk_search` (empty in global mode).
-
-    previous = (old_scores, old_cuts) from the step before warm-starts the local search (same masks)."""
-    flat = flatten(scores)
-    if mask_cfg.mode == "global":
-        return unflatten({path: score >= (mask_cfg.threshold_attn if is_attn(path) else mask_cfg.threshold_mlp)
-                          for path, score in flat.items()}), jnp.zeros(0, jnp.int32)
-    paths = list(flat)
-    if previous is not None:
-        old_flat = flatten(previous[0])
-        previous = ([old_flat[p] for p in paths], previous[1])
-    masks, cuts = topk_search([flat[p] for p in paths], [keep_fraction(p, mask_cfg) for p in paths],
-                              previous=previous)
-    return unflatten(dict(zip(paths, masks))), cuts
+    return _Found(masks, cuts, passes)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -333,8 +278,8 @@ def random_masks(key: jax.Array, params, mask_cfg: MaskConfig, cfg: LlamaConfig)
 def magnitude_masks(params, mask_cfg: MaskConfig, cfg: LlamaConfig) -> dict:
     """Drop the smallest |W| per matrix at the same ratio (the paper's L1 / magnitude baseline)."""
     paths = masked_paths(cfg, mask_cfg)
-    masks = topk_mask_group([get_path(params, p) for p in paths], [keep_fraction(p, mask_cfg) for p in paths])
-    return unflatten(dict(zip(paths, masks)))
+    found = _topk_search([get_path(params, p) for p in paths], [keep_fraction(p, mask_cfg) for p in paths])
+    return unflatten(dict(zip(paths, found.masks)))
 
 
 # --------------------------------------------------------------------------------------------------------

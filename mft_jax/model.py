@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mft_jax import attention as attention_lib
 from mft_jax.config import LlamaConfig
 
 Params = dict[str, Any]
-
-_NEG_INF = float(np.finfo(np.float32).min)
 
 
 def _dtype(name_or_dtype) -> jnp.dtype:
@@ -88,13 +87,18 @@ def _init(initializer, axes):
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] with logical axes."""
+    """y = x @ kernel (+ bias); kernel [in, out] with logical axes.
+
+    With LoRA adapters beside the kernel (params `lora_a` [in, r], `lora_b` [r, out], put there by
+    mft_jax.methods.LoRA) it adds scale * dropout(x) @ a @ b, as PEFT's LoRA layer; `lora` = (scale, dropout
+    rate), and the dropout only runs when the call has a "dropout" rng (training)."""
 
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: tuple[float, float] | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -105,7 +109,17 @@ class Dense(nn.Module):
             bias = self.param("bias", _init(nn.initializers.zeros_init(), self.axes[1:]),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.has_variable("params", "lora_a"):
+            y = y + self._adapter(x)
         return y
+
+    def _adapter(self, x):
+        scale, rate = self.lora
+        a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+        if rate > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+        return jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype)) * scale
 
 
 class RMSNorm(nn.Module):
@@ -122,59 +136,35 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S) -> jax.Array:
-    """[B, 1, 1, L, S] bool: causal on row index, and only within the same (non-padding) document."""
-    causal = kv_index_S[None, None, :] <= q_index_BxL[:, :, None]
-    same_doc = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
-    return (causal & same_doc)[:, None, None, :, :]
-
-
-def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1x1xLxS):
-    """Grouped-query attention; scores and softmax in fp32, as Hugging Face's eager path."""
-    b, l, h, dh = q_BxLxHxDh.shape
-    kv_heads = k_BxSxKxDh.shape[2]
-    q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kv_heads, h // kv_heads, dh)
-    logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh) * (dh ** -0.5)
-    logits_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, logits_BxKxGxLxS.astype(jnp.float32), _NEG_INF)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
-    return out_BxLxKxGxDh.reshape(b, l, h, dh)
-
-
 class Attention(nn.Module):
     cfg: LlamaConfig
     dtype: Any
     param_dtype: Any
     attention: str = "xla"
+    lora: tuple[float, float] | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = functools.partial(Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+                                  param_dtype=self.param_dtype, lora=self.lora)
         b, l, _ = x_BxLxD.shape
         q = dense(h * dh, ("embed", "q_heads"), name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
         k = dense(kv * dh, ("embed", "kv_heads"), name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
         v = dense(kv * dh, ("embed", "kv_heads"), name="v_proj")(x_BxLxD).reshape(b, l, kv, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:
-            kv_segment_BxS, kv_index_S, new_cache = q_segment_BxL, jnp.arange(l), None
-        else:  # write this chunk into the cache at cache_index, attend over the whole cache
+        if cache is None:  # the training / scoring path: the implementation chosen by `model.attention`
+            out = attention_lib.causal_self_attention(self.attention, q, k, v, q_segment_BxL)
+            new_cache = None
+        else:  # decoding: write this chunk into the cache at cache_index, attend over the whole cache (XLA)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
-            kv_segment_BxS, kv_index_S = cache["segment_ids"], jnp.arange(k.shape[1])
-
-        if self.attention == "cudnn" and cache is None:
-            # cuDNN flash attention: causal only, so the batch must hold one right-padded document per row
-            # (padding queries produce values whose loss weight is zero).
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        else:
-            mask = attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S)
-            out = dot_product_attention(q, k, v, mask)
+            mask = attention_lib.attention_mask(q_segment_BxL, cache["segment_ids"], q_index_BxL,
+                                                jnp.arange(k.shape[1]))
+            out = attention_lib.dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), name="o_proj")(out.reshape(b, l, h * dh))
         return out, new_cache
 
@@ -183,11 +173,13 @@ class MLP(nn.Module):
     cfg: LlamaConfig
     dtype: Any
     param_dtype: Any
+    lora: tuple[float, float] | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.cfg
-        dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  lora=self.lora)
         gate_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x_BxLxD)
         up_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x_BxLxD)
         return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj")(nn.silu(gate_BxLxF) * up_BxLxF)
@@ -198,15 +190,17 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention: str = "xla"
+    lora: tuple[float, float] | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, name="self_attn")(
+        attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
+                                        name="self_attn")(
             norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + attn_out
-        mlp_out = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm(name="post_attention_layernorm")(x_BxLxD))
+        mlp_out = MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(norm(name="post_attention_layernorm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ("batch", "length", "act_embed"))
         return x_BxLxD, new_cache
 
@@ -223,6 +217,7 @@ class Llama(nn.Module):
     param_dtype: Any = jnp.float32  # only used by init
     attention: str = "xla"
     remat: str = "none"
+    lora: tuple[float, float] | None = None  # (scale, dropout) when the params carry LoRA adapters
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None,
@@ -248,7 +243,7 @@ class Llama(nn.Module):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "segment_ids": cache["segment_ids"]}
-            x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention,
+            x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
                                                  name=f"layers_{i}")(x_BxLxD, cos, sin, segment_ids_BxL,
                                                                      q_index_BxL, layer_cache, cache_index)
             new_layers.append(new_layer_cache)
@@ -272,9 +267,10 @@ class Llama(nn.Module):
 # Public functions
 # --------------------------------------------------------------------------------------------------------
 
-def _module(cfg: LlamaConfig, compute_dtype=jnp.float32, attention="xla", remat="none", param_dtype=None):
+def _module(cfg: LlamaConfig, compute_dtype=jnp.float32, attention="xla", remat="none", param_dtype=None,
+            lora=None):
     return Llama(cfg, dtype=_dtype(compute_dtype), param_dtype=_dtype(param_dtype or cfg.dtype),
-                 attention=attention, remat=remat)
+                 attention=attention, remat=remat, lora=lora)
 
 
 def _init_inputs():
@@ -308,24 +304,26 @@ def lm_head_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
     return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only", "lora"))
 def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_ids=None, *,
             compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none",
-            hidden_only: bool = False) -> jax.Array:
+            hidden_only: bool = False, lora: tuple[float, float] | None = None, dropout_rng=None) -> jax.Array:
     """Logits [B, L, V] in float32 for int tokens [B, L].
 
     positions [B, L]: position of each token in its document (default 0..L-1).
     segment_ids [B, L]: document id per token (0 = padding); attention never crosses documents.
     compute_dtype: float32 or bfloat16 for activations and matmuls (norm statistics and softmax stay fp32).
     hidden_only: return the final normed hidden states [B, L, D] (compute dtype) instead of the logits.
+    lora: (scale, dropout) for params carrying LoRA adapters; dropout_rng turns the adapters' dropout on.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    out, _ = _module(cfg, compute_dtype, attention, remat).apply({"params": params}, tokens, positions,
-                                                                 segment_ids, hidden_only=hidden_only)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    out, _ = _module(cfg, compute_dtype, attention, remat, lora=lora).apply(
+        {"params": params}, tokens, positions, segment_ids, hidden_only=hidden_only, rngs=rngs)
     return out
 
 

@@ -38,6 +38,7 @@ RESULT_NEUTRAL_KEYS = (
     "ckpt.",
     "mesh.",
     "eval.",
+    "log.",  # where the metrics are also sent (Weights & Biases)
     "data.cache_dir", "data.num_workers",
     "model.remat", "model.loss_chunk", "model.attention",  # memory / kernel knobs, same math
 )

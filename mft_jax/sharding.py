@@ -81,14 +81,6 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, shapes=None):
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def like(tree, shardings_of_full_tree):
-    """Shardings for a sub-pytree (scores, masks) taken from the full tree's shardings: same path, same sharding."""
-    from mft_jax.masking import get_path
-
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: get_path(shardings_of_full_tree, tuple(k.key for k in p)), tree)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

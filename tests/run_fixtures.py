@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import config, convert, model
+from mft_jax import config, convert, data, model, optim, sharding, step as step_lib
 from mft_jax.data import train_bpe_tokenizer
+from mft_jax.state import StateLayout
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
@@ -64,3 +65,24 @@ def make_run(root: Path, model_dir: Path, n_train: int = 64, **sections) -> conf
         else:
             raw[section] = values
     return config.from_dict(raw, verbose=False)
+
+
+class StepSetup:
+    """A run's state layout and jitted step on a mesh, built as the training loop builds them."""
+
+    def __init__(self, run, cfg, mesh, param_shardings, total_steps):
+        self.run, self.cfg, self.mesh, self.param_shardings = run, cfg, mesh, param_shardings
+        self.layout = StateLayout.for_run(run, cfg, mesh, param_shardings, total_steps=total_steps)
+        self.loss = step_lib.make_loss(run, cfg, self.layout.method.forward_options)
+        self.schedule = optim.lr_schedule(run.optim, total_steps)
+
+    def init_state(self, params, key):
+        return self.layout.init(params, key)
+
+    def jit_step(self, params):
+        return step_lib.jit_train_step(self.layout, self.loss, self.schedule, self.run.train.seed, params)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """Host [M, B, L] arrays -> global arrays laid out as the step takes them."""
+    return data.to_global_batch(batch, sharding.batch_sharding(mesh))

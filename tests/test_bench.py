@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mft_jax import config, masking, model
+from mft_jax import config, model, trees
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -18,7 +18,7 @@ import step as step_bench  # noqa: E402
 
 def test_necessary_flops_by_hand():
     cfg = config.LlamaConfig(**step_bench.PRESETS["llama2-7b"])
-    shapes = masking.flatten(model.param_shapes(cfg))
+    shapes = trees.flatten(model.param_shapes(cfg))
     # matmul weights per layer and in the head, from the real param shapes (norms and embedding excluded)
     layer = sum(int(np.prod(x.shape)) for p, x in shapes.items() if p[0] == "layers_0" and p[-1] == "kernel")
     head = int(np.prod(shapes[("lm_head", "kernel")].shape))

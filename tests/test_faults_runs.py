@@ -290,11 +290,11 @@ def test_hub_dataset_without_network(model_dir, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------
 
 def test_disk_too_full_for_a_checkpoint(model_dir, tmp_path, monkeypatch):
-    from mft_jax import train
+    from mft_jax import preflight
 
     run = make_run(tmp_path, model_dir)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     cfg = _config_file(run, tmp_path / "run.yaml")
     before = snapshot(tmp_path)
     _check(run_cli("train", "--config", cfg), 1, str(run.run_dir), "one checkpoint needs", before=before,

@@ -7,6 +7,7 @@ import pytest
 
 from mft_jax import losses, masking, model
 from mft_jax.config import LlamaConfig, MaskConfig
+from mft_jax.trees import flatten, get_path, merge, subtree
 from tolerances import binomial_bound
 
 TINY = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -20,6 +21,11 @@ def sort_reference(score: np.ndarray, keep: float) -> np.ndarray:
     mask = np.ones(flat.size, bool)
     mask[np.argsort(flat, kind="stable")[:drop]] = False
     return mask.reshape(score.shape)
+
+
+def topk(score, keep, width=None):
+    """One matrix's exact top-k mask through the (private) search, as `topk_masks` runs it."""
+    return masking._topk_search([score], [keep], width).masks[0]
 
 
 def num_passes(span: int, width: int) -> int:
@@ -46,7 +52,7 @@ def _inputs():
 def test_topk_is_exact_and_matches_sort(name, score, keep):
     n = score.size
     for width in (1, 3, 6):  # bisection (CPU default), the accelerator default, and an even width
-        mask = np.asarray(masking.topk_mask(jnp.asarray(score), keep, width))
+        mask = np.asarray(jax.jit(topk, static_argnums=(1, 2))(jnp.asarray(score), keep, width))
         assert mask.sum() == n - int((1 - keep) * n), width
         np.testing.assert_array_equal(mask, sort_reference(score, keep))
 
@@ -58,8 +64,8 @@ def test_topk_group_mixed_shapes_keeps_and_ties(width):
     scores = [rng.normal(size=(40, 24)), rng.integers(-2, 3, size=(40, 24)), rng.normal(size=(24, 56)),
               np.full((24, 56), -1.5), rng.normal(size=(7, 9))]
     keeps = [0.9, 0.5, 0.75, 0.3, 1.0]
-    masks = jax.jit(lambda ss: masking.topk_mask_group(ss, keeps, width))([jnp.asarray(s, jnp.float32)
-                                                                           for s in scores])
+    masks = jax.jit(lambda ss: masking._topk_search(ss, keeps, width).masks)([jnp.asarray(s, jnp.float32)
+                                                                             for s in scores])
     for s, keep, m in zip(scores, keeps, masks):
         np.testing.assert_array_equal(np.asarray(m), sort_reference(s.astype(np.float32), keep))
 
@@ -75,10 +81,10 @@ def test_warm_start_is_exact_and_narrows_the_search(width):
     tied = jnp.asarray(rng.integers(-2, 3, size=(30, 20)), jnp.float32)  # ties straddle the cut; scores unchanged
     old, new = old + [tied], new + [tied]
     keeps = (0.9, 0.75, 0.5, 0.6)
-    search = jax.jit(masking.topk_search, static_argnames=("keeps", "width", "with_passes"))
-    _, old_cuts, cold_passes = search(old, keeps, width, None, True)
+    search = jax.jit(masking._topk_search, static_argnames=("keeps", "width"))
+    _, old_cuts, cold_passes = search(old, keeps, width, None)
     assert int(cold_passes) == num_passes(masking._INF_BITS + 1, width)
-    masks, cuts, warm_passes = search(new, keeps, width, (old, old_cuts), True)
+    masks, cuts, warm_passes = search(new, keeps, width, (old, old_cuts))
     for s, keep, m in zip(new, keeps, masks):
         np.testing.assert_array_equal(np.asarray(m), sort_reference(np.asarray(s), keep))
     np.testing.assert_array_equal(np.asarray(cuts), np.asarray(search(new, keeps, width)[1]))
@@ -121,11 +127,11 @@ def test_masked_paths(modules, count):
 def test_masks_per_module_counts():
     params, mask_cfg = _params_and_cfg()
     scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
-    masks = masking.topk_masks(scores, mask_cfg)
-    for path, m in masking.flatten(masks).items():
+    masks, _ = masking.topk_masks(scores, mask_cfg)
+    for path, m in flatten(masks).items():
         keep = mask_cfg.keep_attn if path[1] == "self_attn" else mask_cfg.keep_mlp
         assert int(m.sum()) == m.size - int((1 - keep) * m.size), path
-        assert scores_dtype_ok(masking.get_path(scores, path))
+        assert scores_dtype_ok(get_path(scores, path))
 
 
 def scores_dtype_ok(score):
@@ -141,7 +147,7 @@ def test_straight_through_gradient_closed_form():
     params, mask_cfg = _params_and_cfg()
     scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
-    masks = masking.topk_masks(scores, mask_cfg)
+    masks, _ = masking.topk_masks(scores, mask_cfg)
 
     # Route 1: jax.grad through the straight-through float masks.
     def through_ste(s):
@@ -150,16 +156,16 @@ def test_straight_through_gradient_closed_form():
     grad_ste = jax.grad(through_ste)(scores)
     # Route 2, independent: dL/dW~ at W~ = W * m, then sign(s) * W * dL/dW~ by hand in numpy.
     w_tilde = masking.masked_kernels(params, masks)
-    g_w = jax.grad(lambda wt: _loss(masking.merge(params, wt), tokens))(w_tilde)
+    g_w = jax.grad(lambda wt: _loss(merge(params, wt), tokens))(w_tilde)
     # Exact: the STE masks are exactly 0/1, so both routes run the same forward and backward ops on the same
     # values; W * dL/dW~ rounds once either way and the sign multiplies exactly.
-    for path, g in masking.flatten(grad_ste).items():
-        s = np.asarray(masking.get_path(scores, path))
-        w = np.asarray(masking.get_path(params, path))
-        expected = np.sign(s) * w * np.asarray(masking.get_path(g_w, path))
+    for path, g in flatten(grad_ste).items():
+        s = np.asarray(get_path(scores, path))
+        w = np.asarray(get_path(params, path))
+        expected = np.sign(s) * w * np.asarray(get_path(g_w, path))
         np.testing.assert_array_equal(np.asarray(g), expected, err_msg=str(path))
         assert np.count_nonzero(expected) > 0.95 * expected.size  # dense: dropped weights get gradients too
-    closed = masking.score_grads(scores, masking.subtree(params, masking.flatten(scores)), g_w, mask_cfg)
+    closed = masking.score_grads(scores, subtree(params, flatten(scores)), g_w, mask_cfg)
     for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(grad_ste)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -167,7 +173,7 @@ def test_straight_through_gradient_closed_form():
 def test_keep_one_reproduces_unmasked_logits_exactly():
     params, mask_cfg = _params_and_cfg(keep_attn=1.0, keep_mlp=1.0)
     scores = masking.init_scores(jax.random.key(1), params, mask_cfg, TINY)
-    masks = masking.topk_masks(scores, mask_cfg)
+    masks, _ = masking.topk_masks(scores, mask_cfg)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, TINY.vocab_size)
     plain = np.asarray(model.forward(TINY, params, tokens))
     for masked in (masking.apply_masks(params, masks),
@@ -177,11 +183,11 @@ def test_keep_one_reproduces_unmasked_logits_exactly():
 
 def test_masked_weights_are_zero_and_others_untouched():
     params, mask_cfg = _params_and_cfg()
-    masks = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
+    masks, _ = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
     masked = masking.apply_masks(params, masks)
-    flat_masks = masking.flatten(masks)
-    for path, w in masking.flatten(params).items():
-        new = np.asarray(masking.get_path(masked, path))
+    flat_masks = flatten(masks)
+    for path, w in flatten(params).items():
+        new = np.asarray(get_path(masked, path))
         if path in flat_masks:
             m = np.asarray(flat_masks[path])
             np.testing.assert_array_equal(new, np.where(m, np.asarray(w), 0))
@@ -193,8 +199,8 @@ def test_global_mode_threshold_and_gradient():
     params, _ = _params_and_cfg()
     mask_cfg = MaskConfig(mode="global", modules="attn", masked_layers=[], threshold_attn=0.01)
     scores = masking.init_scores(jax.random.key(3), params, mask_cfg, TINY)
-    assert len(masking.flatten(scores)) == 4 * TINY.num_hidden_layers  # every layer
-    masks = masking.topk_masks(scores, mask_cfg)
+    assert len(flatten(scores)) == 4 * TINY.num_hidden_layers  # every layer
+    masks, _ = masking.topk_masks(scores, mask_cfg)
     for s, m in zip(jax.tree.leaves(scores), jax.tree.leaves(masks)):
         np.testing.assert_array_equal(np.asarray(m), np.asarray(s) >= 0.01)
     g = jax.grad(lambda s: jnp.sum(jax.tree.leaves(masking.ste_masks(s, masks, mask_cfg))[0] * 3.0))(scores)
@@ -204,19 +210,19 @@ def test_global_mode_threshold_and_gradient():
 def test_baselines():
     params, mask_cfg = _params_and_cfg()
     mag = masking.magnitude_masks(params, mask_cfg, TINY)
-    for path, m in masking.flatten(mag).items():
-        w = np.asarray(masking.get_path(params, path))
+    for path, m in flatten(mag).items():
+        w = np.asarray(get_path(params, path))
         np.testing.assert_array_equal(np.asarray(m), sort_reference(w, masking.keep_fraction(path, mask_cfg)))
     rand = masking.random_masks(jax.random.key(4), params, mask_cfg, TINY)
     stats = masking.mask_stats(rand)
     for kind, keep in (("attn", 0.8), ("mlp", 0.6)):  # Bernoulli(keep) draws: within 5 binomial sigmas
-        draws = sum(m.size for p, m in masking.flatten(rand).items() if masking.is_attn(p) == (kind == "attn"))
+        draws = sum(m.size for p, m in flatten(rand).items() if masking.is_attn(p) == (kind == "attn"))
         assert abs(float(stats[f"kept_{kind}"]) - keep) < binomial_bound(keep, draws), kind
 
 
 def test_pack_unpack_one_bit_per_weight():
     params, mask_cfg = _params_and_cfg()
-    masks = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
+    masks, _ = masking.topk_masks(masking.init_scores(jax.random.key(1), params, mask_cfg, TINY), mask_cfg)
     packed = masking.pack(masks)
     for path, (bits, shape) in packed.items():
         assert bits.dtype == np.uint8 and bits.size == -(-int(np.prod(shape)) // 8)
@@ -230,7 +236,7 @@ def test_sharded_topk_equals_unsharded_without_gathers():
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     score = jnp.asarray(np.random.default_rng(5).integers(-5, 6, size=(64, 96)).astype(np.float32))
     sharding = NamedSharding(mesh, P("fsdp", "data"))
-    fn = jax.jit(lambda s: masking.topk_mask(s, 0.7), in_shardings=sharding, out_shardings=sharding)
+    fn = jax.jit(lambda s: topk(s, 0.7), in_shardings=sharding, out_shardings=sharding)
     sharded = fn(jax.device_put(score, sharding))
     np.testing.assert_array_equal(np.asarray(sharded), sort_reference(np.asarray(score), 0.7))
     hlo = fn.lower(jax.ShapeDtypeStruct(score.shape, score.dtype, sharding=sharding)).compile().as_text()

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from mft_jax import checkpoint, config, convert, data, distributed, export, masking, model, sharding, train
+from mft_jax import checkpoint, config, convert, data, distributed, export, model, optim, sharding
+from mft_jax.state import StateLayout
+from mft_jax.trees import flatten, get_path
 from run_fixtures import make_model_dir, make_run
 from tolerances import assert_close, assert_same_adam_training, forward_length, rounding_bound, step_length
 
@@ -140,7 +142,7 @@ def _assert_same_training(run, ref_run, export_dir, ref_export_dir):
     assert int(state["step"]) == int(ref_state["step"]) == STEPS
     counts = [x for x in jax.tree.leaves((state["opt_state"], ref_state["opt_state"])) if x.dtype.kind in "iu"]
     assert len(counts) >= 2 and all(int(c) == STEPS for c in counts)  # Adam's and the schedule's step counts
-    schedule = train.lr_schedule(run.optim, STEPS)
+    schedule = optim.lr_schedule(run.optim, STEPS)
     value_bounds = assert_same_adam_training(state, ref_state, run.optim, steps=STEPS, n=step_n,
                                              lr_sum=sum(float(schedule(t)) for t in range(STEPS)))
     result = json.loads((export_dir / "export.json").read_text())
@@ -148,11 +150,11 @@ def _assert_same_training(run, ref_run, export_dir, ref_export_dir):
     assert result["step"] == ref_result["step"] == STEPS
     masks, _ = export.load_masks(result["masks"])
     ref_masks, _ = export.load_masks(ref_result["masks"])
-    assert masking.flatten(masks).keys() == masking.flatten(ref_masks).keys()
-    scores, ref_scores = masking.flatten(state["trainable"]), masking.flatten(ref_state["trainable"])
+    assert flatten(masks).keys() == flatten(ref_masks).keys()
+    scores, ref_scores = flatten(state["trainable"]), flatten(ref_state["trainable"])
     bounds = {tuple(k.key for k in path): bound for path, bound in value_bounds.items()}
-    for path, ref_m in masking.flatten(ref_masks).items():
-        _assert_same_mask(masking.get_path(masks, path), ref_m, np.asarray(scores[path]), np.asarray(ref_scores[path]),
+    for path, ref_m in flatten(ref_masks).items():
+        _assert_same_mask(get_path(masks, path), ref_m, np.asarray(scores[path]), np.asarray(ref_scores[path]),
                           bounds[path], str(path))
 
 
@@ -176,11 +178,10 @@ def _restore(run: config.RunConfig, step: int, mesh_shape: tuple):
     mesh = sharding.make_mesh(config.MeshConfig(*mesh_shape))
     cfg = convert.load_config(run.model.path)
     shapes = model.param_shapes(cfg, run.model.dtype)
-    setup = train.Setup(run, cfg, mesh, sharding.param_shardings(cfg, mesh, shapes), total_steps=STEPS,
-                        micro_batches=1)
+    layout = StateLayout.for_run(run, cfg, mesh, sharding.param_shardings(cfg, mesh, shapes), total_steps=STEPS)
     checkpointer = checkpoint.Checkpointer(Path(run.run_dir) / "checkpoints")
     try:
-        return checkpointer.restore(step, setup.checkpoint_target(shapes), data=False)[0]
+        return checkpointer.restore(step, layout.checkpoint_target(shapes), data=False)[0]
     finally:
         checkpointer.close()
 
@@ -202,7 +203,7 @@ def test_checkpoint_restores_onto_another_mesh(runs):
     # Saved on (2, 4, 1) (fsdp-sharded scores and Adam moments), restored onto (8, 1, 1): the same values bit for
     # bit, laid out on the new mesh.
     saved, moved = _restore(run, SPLIT, (2, 4, 1)), _restore(run, SPLIT, (8, 1, 1))
-    score = masking.flatten(saved["trainable"])[("layers_1", "mlp", "up_proj", "kernel")]
+    score = flatten(saved["trainable"])[("layers_1", "mlp", "up_proj", "kernel")]
     assert score.addressable_shards[0].data.shape[0] == score.shape[0] // 4
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(moved)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

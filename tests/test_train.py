@@ -1,5 +1,6 @@
 """The sharded MFT step: equal results across meshes, shardings, no score all-gather, resume, export."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import transformers
 
-from mft_jax import config, convert, export, masking, model, sharding, train
-from run_fixtures import make_model_dir, make_run
+from mft_jax import config, convert, export, masking, model, optim, sharding, train
+from mft_jax.trees import flatten, get_path
+from run_fixtures import StepSetup, global_batch, make_model_dir, make_run
 from tolerances import (FP32_EPS, assert_close, assert_same_adam_training, forward_length, rounding_bound,
                         step_length)
 
@@ -58,13 +60,13 @@ def _run_steps(tiny, mesh_shape, steps=5, param_dtype=None, devices=None, comput
     mesh = sharding.make_mesh(run.mesh, devices)
     shardings = sharding.param_shardings(cfg, mesh, model.param_shapes(cfg, param_dtype))
     _, params = convert.load_hf(model_dir, dtype=param_dtype, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=steps, micro_batches=2)
+    setup = StepSetup(run, cfg, mesh, shardings, steps)
     with sharding.axis_rules(), jax.set_mesh(mesh):
         state = setup.init_state(params, jax.random.key(0))
         step_fn = setup.jit_step(params)
         losses = []
         for batch in _batches(cfg, steps, 2, 8, 16):
-            state, metrics = step_fn(params, state, train.global_batch(batch, mesh))
+            state, metrics = step_fn(params, state, global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
     return setup, params, state, losses, step_fn
 
@@ -75,13 +77,13 @@ def _steps_one_device(run, model_dir, batches, micro):
     mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
     shardings = sharding.param_shardings(cfg, mesh)
     _, params = convert.load_hf(model_dir, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=len(batches), micro_batches=micro)
+    setup = StepSetup(run, cfg, mesh, shardings, len(batches))
     metrics = []
     with sharding.axis_rules(), jax.set_mesh(mesh):
         state = setup.init_state(params, jax.random.key(0))
         step = setup.jit_step(params)
         for batch in batches:
-            state, m = step(params, state, train.global_batch(batch, mesh))
+            state, m = step(params, state, global_batch(batch, mesh))
             metrics.append(m)
     return state, metrics
 
@@ -89,10 +91,10 @@ def _steps_one_device(run, model_dir, batches, micro):
 def _assert_same_training(state_a, state_b, run, cfg, steps, batch_shape):
     """Trained values and Adam's moments of two runs of the same `steps` steps on [M, B, L] batches whose
     reductions ran in other orders (same masks): within the gradients' rounding bound carried through Adam."""
-    schedule = train.lr_schedule(run.optim, steps)
+    schedule = optim.lr_schedule(run.optim, steps)
     lr_sum = sum(float(schedule(t)) for t in range(steps))
     n = step_length(cfg, batch_shape[-1], int(np.prod(batch_shape)))  # every reduction of a step, tokens included
-    assert_same_adam_training(state_a, state_b, run.optim, steps=steps, lr_sum=lr_sum, n=n)
+    assert_same_adam_training(state_a.saved(), state_b.saved(), run.optim, steps=steps, lr_sum=lr_sum, n=n)
 
 
 def _same_step(a, b, run, cfg, batch_shape):
@@ -122,27 +124,27 @@ def test_meshes_match_single_device(tiny, single_device, mesh_shape):
     assert losses[-1] < losses[0]  # it learns
     _assert_same_training(state, ref_state, setup.run, setup.cfg, len(losses), batch_shape)
     # Scores and both Adam moments carry exactly their weights' shardings.
-    mu, nu = state["opt_state"][0].mu, state["opt_state"][0].nu
-    for path, score in masking.flatten(state["trainable"]).items():
-        weight_sharding = masking.get_path(setup.param_shardings, path)
+    mu, nu = state.opt_state[0].mu, state.opt_state[0].nu
+    for path, score in flatten(state.trainable).items():
+        weight_sharding = get_path(setup.param_shardings, path)
         assert score.sharding.is_equivalent_to(weight_sharding, score.ndim), path
-        assert masking.get_path(mu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
-        assert masking.get_path(nu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
-        assert masking.get_path(state["masks"], path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+        assert get_path(mu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+        assert get_path(nu, path).sharding.is_equivalent_to(weight_sharding, score.ndim)
+        assert get_path(state.derived["masks"], path).sharding.is_equivalent_to(weight_sharding, score.ndim)
     if mesh_shape[1] > 1:  # fsdp really shards: each device holds a slice
-        score = masking.flatten(state["trainable"])[("layers_1", "mlp", "up_proj", "kernel")]
+        score = flatten(state.trainable)[("layers_1", "mlp", "up_proj", "kernel")]
         assert score.addressable_shards[0].data.shape[0] == score.shape[0] // mesh_shape[1]
-    for m in jax.tree.leaves(state["masks"]):
+    for m in jax.tree.leaves(state.derived["masks"]):
         assert m.dtype == jnp.bool_
 
 
 def test_fsdp_step_never_gathers_a_score_matrix(tiny):
     setup, params, state, _, step_fn = _run_steps(tiny, (2, 4, 1), steps=1, param_dtype=jnp.bfloat16,
                                                   compute_dtype="bfloat16")
-    batch = train.global_batch(_batches(setup.cfg, 1, 2, 8, 16)[0], setup.mesh)
+    batch = global_batch(_batches(setup.cfg, 1, 2, 8, 16)[0], setup.mesh)
     with sharding.axis_rules(), jax.set_mesh(setup.mesh):
         hlo = step_fn.lower(params, state, batch).compile().as_text()
-    score_shapes = {"[" + ",".join(map(str, s.shape)) + "]" for s in jax.tree.leaves(state["trainable"])}
+    score_shapes = {"[" + ",".join(map(str, s.shape)) + "]" for s in jax.tree.leaves(state.trainable)}
     gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
     weight_gathers = 0
     for line in gathers:
@@ -163,17 +165,17 @@ def test_fft_mode_trains_params(tiny):
     mesh = sharding.make_mesh(run.mesh)
     shardings = sharding.param_shardings(cfg, mesh)
     _, params = convert.load_hf(model_dir, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    setup = StepSetup(run, cfg, mesh, shardings, 3)
     with sharding.axis_rules(), jax.set_mesh(mesh):
         state = setup.init_state(params, jax.random.key(0))
         step_fn = setup.jit_step(params)
         losses = []
         for batch in _batches(cfg, 3, 2, 8, 16):
-            state, metrics = step_fn(params, state, train.global_batch(batch, mesh))
+            state, metrics = step_fn(params, state, global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
     changed = [not np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(params))]
+               for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(params))]
     assert all(changed)
 
 
@@ -207,8 +209,8 @@ def test_global_mode_steps(tiny):
     run = make_run(root, model_dir, optim={"lr": 1e-2},
                    mask={"mode": "global", "modules": "attn", "masked_layers": [], "threshold_attn": 0.01})
     state, (_, metrics) = _steps_one_device(run, model_dir, _batches(cfg, 2, 2, 8, 16), 2)
-    assert bool(metrics["finite"]) and state["mask_cuts"].shape == (0,)
-    scores, masks = masking.flatten(state["trainable"]), masking.flatten(state["masks"])
+    assert bool(metrics["finite"]) and state.derived["mask_cuts"].shape == (0,)
+    scores, masks = flatten(state.trainable), flatten(state.derived["masks"])
     assert len(scores) == 4 * cfg.num_hidden_layers and set(scores) == set(masks)
     for path, s in scores.items():
         np.testing.assert_array_equal(np.asarray(masks[path]), np.asarray(s) >= 0.01, err_msg=str(path))
@@ -225,61 +227,65 @@ def test_nan_loss_leaves_state_untouched(tiny):
     mesh = sharding.make_mesh(run.mesh)
     shardings = sharding.param_shardings(cfg, mesh)
     _, params = convert.load_hf(model_dir, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    setup = StepSetup(run, cfg, mesh, shardings, 3)
     batch = _batches(cfg, 1, 2, 8, 16)[0]
     batch["loss_weights"] = batch["loss_weights"] * np.float32("nan")  # makes the loss NaN
     with sharding.axis_rules(), jax.set_mesh(mesh):
         state = setup.init_state(params, jax.random.key(0))
-        before = jax.tree.map(np.asarray, state["trainable"])
-        state, metrics = setup.jit_step(params)(params, state, train.global_batch(batch, mesh))
+        before = jax.tree.map(np.asarray, state.trainable)
+        state, metrics = setup.jit_step(params)(params, state, global_batch(batch, mesh))
     assert not bool(metrics["finite"])
-    for a, b in zip(jax.tree.leaves(state["trainable"]), jax.tree.leaves(before)):
+    for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
-@pytest.mark.parametrize("mode", ["mft", "fft"])
+@pytest.mark.parametrize("mode", ["mft", "fft", "lora"])
 def test_state_shardings_cached_and_checkpoint_target(tiny, monkeypatch, mode):
     root, model_dir = tiny
-    run = make_run(root, model_dir, train={"mode": mode}, mesh={"data": 2, "fsdp": 4, "tensor": 1})
+    run = make_run(root, model_dir, train={"mode": mode}, mesh={"data": 2, "fsdp": 4, "tensor": 1},
+                   lora={"rank": 4})
     cfg = convert.load_config(model_dir)
     mesh = sharding.make_mesh(run.mesh)
     shapes = model.param_shapes(cfg)
     shardings = sharding.param_shardings(cfg, mesh, shapes)
     _, params = convert.load_hf(model_dir, shardings=shardings)
-    setup = train.Setup(run, cfg, mesh, shardings, total_steps=3, micro_batches=2)
+    layout = StepSetup(run, cfg, mesh, shardings, 3).layout
     # The uncached reference: the whole state init traced once more.
-    ref_shapes = jax.eval_shape(lambda p: setup._init_state(p, jax.random.key(0)), params)
+    ref_shapes = jax.eval_shape(lambda p: layout._init(p, jax.random.key(0)), params)
     calls = []
     eval_shape = jax.eval_shape
     monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(1) or eval_shape(*a, **k))
-    # Concrete arrays and ShapeDtypeStructs of the same shapes share one trace; popping from a result (as
-    # callers do) leaves the cache intact.
-    first = setup.state_shardings(params)
-    first.pop("masks", None)
-    setup.state_shapes(shapes).pop("masks", None)
-    again = setup.state_shardings(shapes)
-    assert len(calls) == 1
-    assert ("masks" in again) == (mode == "mft") == ("masks" in setup.state_shapes(params))
-    assert jax.tree.structure(setup.state_shapes(params)) == jax.tree.structure(ref_shapes)
-    for a, b in zip(jax.tree.leaves(setup.state_shapes(params)), jax.tree.leaves(ref_shapes)):
+    # Concrete arrays and ShapeDtypeStructs of the same shapes share one trace; the results are immutable.
+    first = layout.shardings(params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.derived = {}
+    again = layout.shardings(shapes)
+    assert len(calls) == 1 and again is first
+    assert ("masks" in again.derived) == (mode == "mft") == ("masks" in layout.shapes(params).derived)
+    assert jax.tree.structure(layout.shapes(params)) == jax.tree.structure(ref_shapes)
+    for a, b in zip(jax.tree.leaves(layout.shapes(params)), jax.tree.leaves(ref_shapes)):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
     # Another dtype is another state (fp32 master copy either way, but traced afresh).
-    setup.state_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), shapes))
+    layout.shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), shapes))
     assert len(calls) == 2
-    # The restore target: the state less masks and cuts, each leaf a ShapeDtypeStruct with the state's sharding.
-    target = setup.checkpoint_target(params)
+    # The restore target: the state's saved fields (derived ones are marked by the type), each leaf a
+    # ShapeDtypeStruct with the state's sharding.
+    target = layout.checkpoint_target(params)
     assert len(calls) == 2
-    assert ("mask_cuts" in again) == (mode == "mft")
-    expected = {k: v for k, v in ref_shapes.items() if k not in train.DERIVED}
+    assert ("mask_cuts" in again.derived) == (mode == "mft")
+    expected = ref_shapes.saved()
     assert set(target) == {"step", "trainable", "opt_state"}
     assert jax.tree.structure(target) == jax.tree.structure(expected)
-    target_shardings = {k: v for k, v in again.items() if k not in train.DERIVED}
-    for t, e, s in zip(jax.tree.leaves(target), jax.tree.leaves(expected), jax.tree.leaves(target_shardings)):
+    for t, e, s in zip(jax.tree.leaves(target), jax.tree.leaves(expected), jax.tree.leaves(again.saved())):
         assert isinstance(t, jax.ShapeDtypeStruct)
         assert (t.shape, t.dtype) == (e.shape, e.dtype)
         assert t.sharding == s
-    for path, leaf in masking.flatten(target["trainable"]).items():
-        assert leaf.sharding == masking.get_path(shardings, path)
+    for path, leaf in flatten(target["trainable"]).items():
+        if mode == "lora":  # A splits the kernel's input axis, B its output axis
+            kernel = get_path(shardings, path[:-1] + ("kernel",)).spec
+            assert tuple(leaf.sharding.spec) == ((kernel[0], None) if path[-1] == "lora_a" else (None, kernel[1]))
+        else:
+            assert leaf.sharding == get_path(shardings, path)
 
 
 def _cli(*args, **kw):
@@ -349,17 +355,17 @@ def test_export_matches_masked_forward_and_transformers(tiny, tmp_path):
     _, cfg, params, setup, state = export.restore_run(run.run_dir)
     masks, meta = export.load_masks(result["masks"])
     assert int(meta["step"]) == 3
-    for path, m in masking.flatten(state["masks"]).items():
-        np.testing.assert_array_equal(masking.get_path(masks, path), np.asarray(m))
+    for path, m in flatten(state.derived["masks"]).items():
+        np.testing.assert_array_equal(get_path(masks, path), np.asarray(m))
     # About one bit per masked weight.
     n_masked = sum(m.size for m in jax.tree.leaves(masks))
     size = Path(result["masks"]).stat().st_size
     assert n_masked / 8 <= size < n_masked / 8 + 8192
     # Exactly the configured number of zeros in each masked matrix; everything else bit-identical to the base.
     dense_cfg, dense = convert.load_hf(result["hf"])
-    flat_masks = masking.flatten(masks)
-    for path, w in masking.flatten(params).items():
-        new = np.asarray(masking.get_path(dense, path))
+    flat_masks = flatten(masks)
+    for path, w in flatten(params).items():
+        new = np.asarray(get_path(dense, path))
         if path in flat_masks:
             keep = masking.keep_fraction(path, run.mask)
             assert (new == 0).sum() - (np.asarray(w) == 0).sum() == int((1 - keep) * w.size), path
@@ -371,7 +377,7 @@ def test_export_matches_masked_forward_and_transformers(tiny, tmp_path):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
     with torch.no_grad():
         ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
-    ours = np.asarray(model.forward(cfg, masking.apply_masks(params, state["masks"]), tokens))
+    ours = np.asarray(model.forward(cfg, masking.apply_masks(params, state.derived["masks"]), tokens))
     # torch and XLA sum every matmul, norm and softmax of the forward pass in their own orders
     assert_close(ours, ref, rounding_bound(forward_length(cfg, 20), np.abs(ref).max()), "logits vs transformers")
     # apply-masks rebuilds the same model from the base and the masks file.
@@ -391,10 +397,10 @@ def test_baseline_exports(tiny, tmp_path, baseline):
     assert out.returncode == 0, out.stderr
     masks, meta = export.load_masks(tmp_path / baseline / "masks.safetensors")
     assert meta["baseline"] == baseline
-    assert len(masking.flatten(masks)) == 14  # layers 1, 2 x 7 projections
+    assert len(flatten(masks)) == 14  # layers 1, 2 x 7 projections
     if baseline == "magnitude":
         _, params = convert.load_hf(model_dir)
-        for path, m in masking.flatten(masks).items():
+        for path, m in flatten(masks).items():
             assert m.sum() == m.size - int((1 - masking.keep_fraction(path, run.mask)) * m.size)
 
 

@@ -1,7 +1,7 @@
 """Chat formatting and tokenization: conversations -> (token ids, supervised-target mask), as the reference.
 
 Templates (`data.template`):
-- `tulu` (the default, ../shared/docs/MFT.md "Chat format"): the reference's tulu jinja, rendered in Python.
+- `tulu` (the default, docs/method.md "Chat format and labels"): the reference's tulu jinja, rendered in Python.
   System and user turns are `<|system|>\\n{c}\\n` / `<|user|>\\n{c}\\n`; an assistant turn is
   `<|assistant|>\\n{c}{eos}`, followed by `\\n` unless it is the last message; the generation prompt is
   `<|assistant|>\\n` (after a non-empty conversation). Contents are not stripped. `TULU_CHAT_TEMPLATE` is the

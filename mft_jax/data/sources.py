@@ -7,7 +7,10 @@ A source is a local `.jsonl` / `.json` / `.parquet` file or a Hugging Face datas
 Anything that exists as a file, ends in .jsonl / .json / .parquet or starts like a path is a local source.
 
 A mixer `{source: rows}` takes, from each source, the first `rows` rows after a shuffle seeded with `seed`
-(rows None: every row, in file order) and concatenates the sources in the mixer's order. The shuffle is
+(rows None: every row, in file order) and concatenates the sources in the mixer's order. With a `fraction` < 1
+(data.fraction, train split only) a source of n rows (its mixer count, or all of them) gives round(fraction * n)
+rows, at least 1: the first of the same seeded permutation, so a fraction takes the rows that asking for that
+count would, and a smaller fraction's rows are a subset of a larger one's. The shuffle is
 `np.random.default_rng(seed).permutation(n)`, the permutation Hugging Face `datasets.Dataset.shuffle(seed=seed)`
 uses, so a local copy of a hub dataset selects the same rows as the reference's
 `dataset.shuffle(seed).select(range(rows))`.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -180,11 +184,17 @@ def _read_hub(source: str):
         raise DataError(f"{fix} [{type(e).__name__}: {e}]") from None
 
 
-def mix(mixer: dict[str, int | None], seed: int) -> tuple[list[dict], list[Taken]]:
+def fraction_rows(n_rows: int, fraction: float) -> int:
+    """How many of `n_rows` rows data.fraction keeps: the nearest integer to fraction * n_rows (halves up), >= 1."""
+    return max(1, math.floor(fraction * n_rows + 0.5))
+
+
+def mix(mixer: dict[str, int | None], seed: int, fraction: float = 1.0) -> tuple[list[dict], list[Taken]]:
     """Applies a `{source: rows}` mixer. Returns (rows, [Taken per source]) in mixer order.
 
     Each source: all rows in file order when rows is None, else the first `rows` of a seeded permutation.
     Asking for more rows than a source has is an error (the reference's `select` fails the same way).
+    fraction < 1: `fraction_rows(rows or all, fraction)` rows, the first of the seeded permutation.
     """
     if not mixer:
         raise DataError("the dataset mixer is empty; list at least one source, e.g. data.train: {file.jsonl: null}")
@@ -192,13 +202,14 @@ def mix(mixer: dict[str, int | None], seed: int) -> tuple[list[dict], list[Taken
     taken: list[Taken] = []
     for source, n_rows in mixer.items():
         rows = _open(source)
-        if n_rows is None:
-            indices = np.arange(len(rows))
-        elif n_rows > len(rows):
+        if n_rows is not None and n_rows > len(rows):
             raise DataError(f"data source {source!r} has {len(rows)} rows but the mixer asks for {n_rows}; "
                             f"lower it or use null (all rows)")
+        if n_rows is None and fraction == 1:
+            indices = np.arange(len(rows))
         else:
-            indices = np.random.default_rng(seed).permutation(len(rows))[:n_rows]
-        out.extend(_select(source, rows, None if n_rows is None else indices))
+            count = fraction_rows(len(rows) if n_rows is None else n_rows, fraction)
+            indices = np.random.default_rng(seed).permutation(len(rows))[:count]
+        out.extend(_select(source, rows, None if n_rows is None and fraction == 1 else indices))
         taken.append(Taken(source, len(rows), indices))
     return out, taken

@@ -90,19 +90,28 @@ def mixer_of(data_cfg: DataConfig, split: str) -> dict[str, int | None]:
     return mixer
 
 
+def split_fraction(data_cfg: DataConfig, split: str) -> float:
+    """data.fraction for the train split; the dev split is always whole (checkpoint selection compares runs)."""
+    return data_cfg.fraction if split == "train" else 1.0
+
+
 def cache_key(data_cfg: DataConfig, tokenizer_path: str, split: str) -> str:
     """16 hex digits of sha256 over the sources (path + size + mtime or hub name, rows), the mixer seed (when any
-    rows are sampled), the tokenizer files, template, max_seq_length, add_bos and FORMAT_VERSION."""
+    rows are sampled), data.fraction (train, when < 1), the tokenizer files, template, max_seq_length, add_bos
+    and FORMAT_VERSION."""
     mixer = mixer_of(data_cfg, split)
+    fraction = split_fraction(data_cfg, split)
     described = {
         "format": FORMAT_VERSION,
         "sources": [[sources.source_fingerprint(s), rows] for s, rows in mixer.items()],
-        "seed": data_cfg.seed if any(rows is not None for rows in mixer.values()) else None,
+        "seed": data_cfg.seed if fraction != 1 or any(rows is not None for rows in mixer.values()) else None,
         "tokenizer": formatting.tokenizer_fingerprint(tokenizer_path),
         "template": data_cfg.template,
         "max_seq_length": data_cfg.max_seq_length,
         "add_bos": data_cfg.add_bos,
     }
+    if fraction != 1:  # only then, so that the caches built before data.fraction existed stay valid
+        described["fraction"] = fraction
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -197,7 +206,7 @@ def _build(data_cfg: DataConfig, tok_dir: str, split: str, key: str, data_dir: P
 
     tfds.display_progress_bar(verbose)
     tokenizer = formatting.load_tokenizer(tok_dir)
-    rows, taken = sources.mix(mixer_of(data_cfg, split), data_cfg.seed)
+    rows, taken = sources.mix(mixer_of(data_cfg, split), data_cfg.seed, split_fraction(data_cfg, split))
     settings = {"tokenizer": tok_dir, "template": data_cfg.template, "max_seq_length": data_cfg.max_seq_length,
                 "add_bos": data_cfg.add_bos}
     stats = [accounting.SourceStats(t.source, t.rows_read, len(t.indices)) for t in taken]

@@ -2,9 +2,9 @@
 them with the olmes harness (MFT.md; each task module says what olmes does and where).
 
 Modules: `base` (EvalModel, the Task interface, Generation settings, EvalError), one module per task
-(`loss`, `gsm8k`, `humaneval`, `ifeval`, `minerva_math`), `sandbox` (runs generated code in limited child
-processes), `commands` (the `eval` and `generate` CLI commands). `evaluate(model, tasks)` runs tasks and
-returns {task: {metric: value}}; `format_table` prints them.
+(`loss`, `gsm8k`, `humaneval`, `ifeval`, `minerva_math`; `arith`, the demo's task), `sandbox` (runs generated
+code in limited child processes), `commands` (the `eval` and `generate` CLI commands). `evaluate(model, tasks)`
+runs tasks and returns {task: {metric: value}}; `format_table` prints them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from mft_jax.evaluate.arith import Arith
 from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task
 from mft_jax.evaluate.gsm8k import GSM8K
 from mft_jax.evaluate.humaneval import HumanEval, HumanEvalPlus
@@ -22,7 +23,7 @@ from mft_jax.evaluate.loss import Loss
 from mft_jax.evaluate.minerva_math import MATH
 
 TASKS = {"loss": Loss, "gsm8k": GSM8K, "humaneval": HumanEval, "humanevalplus": HumanEvalPlus, "ifeval": IFEval,
-         "math": MATH}
+         "math": MATH, "arith": Arith}
 
 
 def parse_tasks(text: str | Sequence[str]) -> list[str]:
@@ -76,5 +77,5 @@ def add_eval_commands(subparsers):
     return add(subparsers)
 
 
-__all__ = ["EvalError", "EvalModel", "GSM8K", "Generation", "GenerationTask", "HumanEval", "HumanEvalPlus", "IFEval",
-           "Loss", "MATH", "TASKS", "Task", "add_eval_commands", "evaluate", "format_table", "parse_tasks"]
+__all__ = ["Arith", "EvalError", "EvalModel", "GSM8K", "Generation", "GenerationTask", "HumanEval", "HumanEvalPlus",
+           "IFEval", "Loss", "MATH", "TASKS", "Task", "add_eval_commands", "evaluate", "format_table", "parse_tasks"]

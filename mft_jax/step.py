@@ -1,0 +1,108 @@
+"""The jitted, sharded training step and the dev-loss evaluation, for any method (mft_jax.methods).
+
+Per optimizer step:
+  1. the method's view of the params is built once: what the loss is differentiated against (MFT: the masked
+     kernels W~ = W * m, with masks carried in the state; FFT: the fp32 weights; LoRA: the adapters);
+  2. a `lax.scan` over micro-batches accumulates d loss / d view in fp32, the frozen params closed over so XLA
+     builds no gradient below the first trained leaf;
+  3. the method turns those into gradients of its trainable tree (MFT: the straight-through estimator
+     dL/ds = sign(s) * W * dL/dW~), which optax AdamW updates;
+  4. the method derives what follows from the update (MFT: the new masks by exact top-k, and mask flips).
+The loss is sum(w * nll) / sum(w) over the whole optimizer batch (mft_jax.losses). A non-finite loss or
+gradient leaves the state untouched; the loop then stops with an error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mft_jax import attention as attention_lib
+from mft_jax import losses, model, sharding
+from mft_jax.config import LlamaConfig, RunConfig
+from mft_jax.state import StateLayout, TrainState
+
+LossSums = Callable[..., tuple[jax.Array, jax.Array]]  # (params, batch, rng=None) -> (sum(w * nll), sum(w))
+
+
+def make_loss(run: RunConfig, cfg: LlamaConfig, forward_options: dict) -> LossSums:
+    """(sum(w * nll), sum(w)) of one batch [B, L]; with `model.loss_chunk`, the head and cross-entropy run a
+    chunk of positions at a time. `rng` turns on the method's dropout (LoRA), if it has one."""
+    attention = attention_lib.resolve(run.model.attention, jax.default_backend(), run.data.packing)
+    chunk = run.model.loss_chunk
+    compute_dtype = jnp.dtype(run.model.compute_dtype)
+
+    def loss_sums(params, batch, rng=None):
+        out = model.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                            compute_dtype=compute_dtype, attention=attention, remat=run.model.remat,
+                            hidden_only=chunk > 0, dropout_rng=rng, **forward_options)
+        if chunk > 0:
+            return losses.chunked_sft_sums(out, model.lm_head_kernel(cfg, params), batch["targets"],
+                                           batch["loss_weights"], chunk)
+        return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
+
+    return loss_sums
+
+
+def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int):
+    """The step (params, state, batch [M, B, L]) -> (state, metrics), not yet jitted (see `jit_train_step`)."""
+    method, optimizer = layout.method, layout.optimizer
+
+    def step(params, state: TrainState, batch_MxBxL):
+        view = method.view(params, state.trainable, state.derived)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout (unused without)
+
+        def micro_loss(v, micro, rng):
+            return loss_sums(method.to_model(params, v), micro, rng)
+
+        def accumulate(carry, micro_and_index):
+            micro, index = micro_and_index
+            grad_acc, num_acc, den_acc, tok_acc = carry
+            (num, den), grad = jax.value_and_grad(micro_loss, has_aux=True)(view, micro,
+                                                                            jax.random.fold_in(step_key, index))
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad)
+            tokens = jnp.sum(micro["segment_ids"] > 0, dtype=jnp.int32)
+            return (grad_acc, num_acc + num, den_acc + den, tok_acc + tokens), None
+
+        micro_batches = jax.tree.leaves(batch_MxBxL)[0].shape[0]
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), view)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grad_sum, num, den, tokens), _ = jax.lax.scan(accumulate, init,
+                                                       (batch_MxBxL, jnp.arange(micro_batches)))
+        den = jnp.maximum(den, 1e-12)
+        loss = num / den
+        grads = method.grads(params, state.trainable, state.derived, jax.tree.map(lambda g: g / den, grad_sum))
+
+        grad_norm = optax.tree.norm(grads)
+        # The check comes first, so the select fuses into the update's own pass over the state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        keep_if_finite = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        trainable = jax.tree.map(keep_if_finite, optax.apply_updates(state.trainable, updates), state.trainable)
+        opt_state = jax.tree.map(keep_if_finite, opt_state, state.opt_state)
+        derived = method.derive(trainable, previous=(state.trainable, state.derived))  # unchanged if not finite
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": tokens,
+                   "label_weight": den, "finite": finite, **method.step_metrics(derived, state.derived)}
+        return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, derived=derived), metrics
+
+    return step
+
+
+def jit_train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int, params_shapes):
+    """The step, jitted with the layout's shardings; the state is donated."""
+    state_shardings = layout.shardings(params_shapes)
+    return jax.jit(train_step(layout, loss_sums, schedule, seed),
+                   in_shardings=(layout.param_shardings, state_shardings, sharding.batch_sharding(layout.mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(layout.mesh)), donate_argnums=(1,))
+
+
+def jit_eval_sums(layout: StateLayout, loss_sums: LossSums, params_shapes):
+    """(params, state, batch [B, L]) -> (sum(w * nll), sum(w)) of the trained model (`layout.dense`)."""
+    def eval_sums(params, state, batch_BxL):
+        return loss_sums(layout.dense(params, state), batch_BxL)
+
+    return jax.jit(eval_sums, in_shardings=(layout.param_shardings, layout.shardings(params_shapes),
+                                            sharding.batch_sharding(layout.mesh, micro_batched=False)))
