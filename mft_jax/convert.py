@@ -1,46 +1,46 @@
 """Hugging Face Llama checkpoints <-> (LlamaConfig, params), without torch.
 
-Safetensors files are read tensor by tensor through memory maps (a checkpoint never needs two full copies
-in host memory; with target shardings each device reads only its own slice) and written the same way.
-Our params mirror HF's module names (see mft_jax.model); the whole name mapping is `hf_name` below.
-Every safetensors header is validated against its file before a tensor is mapped (a truncated or foreign
-file is one `CheckpointError` line), and writers go through `mft_jax.outputs` (a new directory renamed into
-place; an existing one is replaced only if we wrote it or with `overwrite`).
+Host memory holds one copy of the model plus one tensor in flight, in every direction: a HF tensor is read
+by row ranges straight into the slice each local device holds (`load_hf`; with target shardings a host reads
+only the rows of its own slices), transposed and cast there, and placed before the next one is read; an orbax
+params checkpoint is read the same way, one array and one slice at a time (`load_orbax`), and written
+uncompressed by orbax, each process writing the shards it holds (`save_orbax`); a param is written to
+safetensors from a view of its buffer (one CPU device) or through one temporary, transposed and cast on host a
+block of rows at a time (`save_hf`). Dtypes are converted per tensor, never for the whole model at once.
+Our params mirror HF's module names (see mft_jax.model); the whole name mapping is `hf_name` below. The
+safetensors format itself (header validation, row reads, streaming writes) is `mft_jax.safetensors_io`.
+Writers go through `mft_jax.outputs` (a new directory renamed into place; an existing one is replaced only if
+we wrote it or with `overwrite`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
-import os
 import re
 import shutil
-import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from mft_jax import model as model_lib
-from mft_jax import outputs
+from mft_jax import outputs, safetensors_io
 from mft_jax.config import ConfigError, LlamaConfig
+from mft_jax.safetensors_io import (CheckpointError, TensorRef, read_safetensors_header,  # noqa: F401 (re-exported)
+                                    read_safetensors_index, write_safetensors)
 
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                     "chat_template.json", "generation_config.json")
 # Tensors some HF checkpoints carry that are not parameters.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match its config, or is missing files; the message names what and where."""
+# Orbax params are written uncompressed in chunks of at most this size: zstd's buffers would hold about a second
+# copy of the model while saving, and small chunks let a sharded load read only the chunks of its slices.
+_ORBAX_CHUNK_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -82,111 +82,6 @@ def named_leaves(tree) -> Iterator[tuple[tuple[str, ...], Any]]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Safetensors, read and written by hand: a u64 header length, a JSON header, then raw little-endian bytes.
-# --------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _TensorRef:
-    file: Path
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-
-    def load(self) -> np.ndarray:
-        if not self.shape or 0 in self.shape:
-            return np.zeros(self.shape, self.dtype)
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
-
-
-_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, _TensorRef], dict]:
-    """(tensor name -> where its bytes are, `__metadata__`) of one .safetensors file, reading only the header.
-
-    The header is validated against the file before any tensor is touched: its length, its JSON, every
-    tensor's dtype and shape, and that its data_offsets match shape x itemsize and lie inside the file, so a
-    truncated, damaged or foreign file fails here with one line naming it instead of at a memory map."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header "
-                                  f"length); re-download or re-export it")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{path}: not a safetensors file or truncated (its header claims {header_len} "
-                                  f"bytes, the file has {size}); re-download or re-export it")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e}); re-download or "
-                                  f"re-export it") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    refs = {}
-    for name, entry in header.items():
-        refs[name] = _tensor_ref(path, name, entry, data_start, size)
-    return refs, metadata if isinstance(metadata, dict) else {}
-
-
-def _tensor_ref(path: Path, name: str, entry, data_start: int, size: int) -> _TensorRef:
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {name} {why}; the file is damaged or not a safetensors file "
-                               f"(re-download or re-export it)")
-
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise bad("has no dtype / shape / data_offsets")
-    if entry["dtype"] not in _ST_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']!r} (supported: "
-                              f"{sorted(_ST_DTYPES)})")
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        raise bad(f"has invalid data_offsets {offsets!r}")
-    dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"holds {offsets[1] - offsets[0]} bytes, but shape {shape} x {dtype.name} needs {nbytes}")
-    if data_start + offsets[1] > size:
-        raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + offsets[1]}, the file "
-                              f"has {size} bytes; re-download or re-export it")
-    return _TensorRef(path, dtype, tuple(shape), data_start + offsets[0])
-
-
-def read_safetensors_index(path: Path) -> dict[str, _TensorRef]:
-    """Tensor name -> where its bytes are, for one .safetensors file (reads and validates only the header)."""
-    return read_safetensors_header(path)[0]
-
-
-def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-                      metadata: dict | None = None) -> None:
-    """Writes (name, shape, dtype, produce) tensors; each array is produced and written one at a time."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype, _ in tensors:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for name, shape, dtype, produce in tensors:
-            array = np.ascontiguousarray(produce(), dtype=dtype)
-            if array.shape != tuple(shape):
-                raise ValueError(f"tensor {name}: produced shape {array.shape}, declared {shape}")
-            f.write(array.tobytes())
-
-
-# --------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------
 
@@ -222,7 +117,7 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path}: not a text (JSON) file; re-download or fix it") from None
 
 
-def tensor_index(path: str | Path) -> dict[str, _TensorRef]:
+def tensor_index(path: str | Path) -> dict[str, TensorRef]:
     """Every tensor of a HF checkpoint directory (single file or sharded with an index)."""
     path = Path(path)
     index_file = path / "model.safetensors.index.json"
@@ -244,7 +139,7 @@ def tensor_index(path: str | Path) -> dict[str, _TensorRef]:
             hint = (f" (found {bins}: re-save with transformers' save_pretrained(..., safe_serialization=True))"
                     if bins else "")
             raise CheckpointError(f"{path}: no *.safetensors files{hint}")
-    refs: dict[str, _TensorRef] = {}
+    refs: dict[str, TensorRef] = {}
     for file in files:
         refs.update(read_safetensors_index(path / file))
     return refs
@@ -258,8 +153,8 @@ def load_hf(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig, 
     """Reads a HF Llama checkpoint directory into (LlamaConfig, params).
 
     dtype: storage dtype of the returned params (default: the config's `torch_dtype` / `dtype`).
-    shardings: optional pytree of `jax.sharding.Sharding` like the params; each device then reads only its
-      slice of each tensor (host memory holds at most one tensor at a time either way).
+    shardings: optional pytree of `jax.sharding.Sharding` like the params; a host then reads only the HF rows
+      of its devices' slices of each tensor (host memory holds the model plus one tensor either way).
     Missing, unexpected or mis-shaped tensors fail with their names before any tensor is read.
     """
     path = Path(path)
@@ -293,24 +188,20 @@ def load_hf(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig, 
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems[:5]) + more)
 
-    flat_shardings = None
-    if shardings is not None:
-        flat_shardings = {_path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    flat_shardings = _flat(shardings)
     loaded = {}
     for p, leaf, ref in plan:
-        loaded[p] = _load_tensor(ref, p, leaf.dtype, None if flat_shardings is None else flat_shardings[p])
-    params = jax.tree_util.tree_map_with_path(lambda p, _: loaded[_path_keys(p)], expected)
-    return cfg, params
+        read = functools.partial(safetensors_io.read_slice, ref, transposed=_is_kernel(p), dtype=leaf.dtype)
+        loaded[p] = safetensors_io.place(leaf.shape, flat_shardings.get(p), read)
+    return cfg, _unflatten(expected, loaded)
 
 
-def _load_tensor(ref: _TensorRef, path, dtype, sharding):
-    array = ref.load()
-    if _is_kernel(path):
-        array = array.T
-    if sharding is None:
-        return jax.device_put(np.asarray(array, dtype=dtype))
-    return jax.make_array_from_callback(array.shape, sharding,
-                                        lambda index: np.asarray(array[index], dtype=dtype))
+def _flat(tree) -> dict:
+    return {} if tree is None else {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(like, flat: dict):
+    return jax.tree_util.tree_map_with_path(lambda p, _: flat[_path_keys(p)], like)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -335,7 +226,9 @@ def save_hf(cfg: LlamaConfig, params: dict, path: str | Path, dtype=None, tokeni
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     config.json, safetensors (sharded with model.safetensors.index.json when larger than max_shard_size)
-    and, when tokenizer_dir is given, its tokenizer files. Tensors are fetched and written one at a time.
+    and, when tokenizer_dir is given, its tokenizer files. Params may be device arrays (fully addressable) or
+    numpy arrays; each is brought to host, transposed and cast one at a time (`_hf_blocks`), so host memory
+    holds the params plus one tensor.
     The directory is written as a temporary sibling and renamed into place at the end (`outputs.new_dir`):
     a killed export never leaves a half-written model at `path`, and an existing `path` is replaced only if
     it is an earlier output of ours or with `overwrite` (never when it is, holds or lies inside an input).
@@ -351,15 +244,9 @@ def save_hf(cfg: LlamaConfig, params: dict, path: str | Path, dtype=None, tokeni
 
 
 def _write_hf(cfg: LlamaConfig, params: dict, tmp: Path, out_dtype: np.dtype, tokenizer_dir, limit: int) -> None:
-    tensors = []
-    for p, leaf in named_leaves(params):
-        shape = _hf_shape(p, leaf.shape)
-
-        def produce(leaf=leaf, p=p):
-            array = np.asarray(jax.device_get(leaf))
-            return array.T if _is_kernel(p) else array
-
-        tensors.append((hf_name(p), shape, out_dtype, produce))
+    tensors = [(hf_name(p), _hf_shape(p, leaf.shape), out_dtype,
+                functools.partial(safetensors_io.row_blocks, leaf, transposed=_is_kernel(p)))
+               for p, leaf in named_leaves(params)]
     shards: list[list] = [[]]
     shard_bytes = 0
     for t in tensors:
@@ -406,14 +293,48 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 def save_orbax(cfg: LlamaConfig, params: dict, path: str | Path, *, overwrite: bool = False, inputs=(),
                command: str = "save_orbax", flag: str = "--out") -> Path:
     """Params as an orbax checkpoint at PATH/params, with the HF config.json beside it; written as a
-    temporary sibling and renamed into place, with the same rules as `save_hf`."""
+    temporary sibling and renamed into place, with the same rules as `save_hf`. Uncompressed, in chunks of at
+    most `_ORBAX_CHUNK_BYTES`, so saving adds no second copy of the model to host memory.
+    On several processes every process calls it with the same (global) params and each writes the shards it
+    holds, into the one temporary directory process 0 made (PATH must be on a filesystem they share)."""
     import orbax.checkpoint as ocp
 
-    with outputs.new_dir(path, inputs=inputs, overwrite=overwrite, command=command, flag=flag) as tmp:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp.absolute() / "params", params, force=True)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_ORBAX_CHUNK_BYTES), params)
+    with _new_dir_on_every_process(path, inputs=inputs, overwrite=overwrite, command=command, flag=flag) as tmp:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+            checkpointer.save(tmp.absolute() / "params", args=ocp.args.PyTreeSave(params, save_args=save_args),
+                              force=True)
+        if jax.process_index() == 0:
+            (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
     return Path(path).absolute()
+
+
+@contextlib.contextmanager
+def _new_dir_on_every_process(path, **kwargs) -> Iterator[Path]:
+    """`outputs.new_dir` shared by all processes: process 0 makes the temporary directory, tells the others its
+    name, and renames it into place once every process has finished writing."""
+    if jax.process_count() == 1:
+        with outputs.new_dir(path, **kwargs) as tmp:
+            yield tmp
+        return
+    from jax.experimental import multihost_utils
+
+    def share(tmp: Path | None) -> Path:
+        raw = np.zeros(4096, np.uint8)
+        if tmp is not None:
+            name = str(tmp.absolute()).encode()
+            raw[:len(name)] = np.frombuffer(name, np.uint8)
+        raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+        return Path(raw.tobytes().rstrip(b"\0").decode())
+
+    if jax.process_index() == 0:
+        with outputs.new_dir(path, **kwargs) as tmp:
+            yield share(tmp)
+            multihost_utils.sync_global_devices("mft_jax.convert.written")
+    else:
+        yield share(None)
+        multihost_utils.sync_global_devices("mft_jax.convert.written")
+    multihost_utils.sync_global_devices("mft_jax.convert.renamed")  # no process returns before PATH exists
 
 
 def check_orbax(path: str | Path) -> LlamaConfig:
@@ -426,21 +347,67 @@ def check_orbax(path: str | Path) -> LlamaConfig:
     return cfg
 
 
-def load_orbax(path: str | Path, shardings=None) -> tuple[LlamaConfig, dict]:
-    import orbax.checkpoint as ocp
-
+def load_orbax(path: str | Path, shardings=None, dtype=None) -> tuple[LlamaConfig, dict]:
+    """Reads an orbax params checkpoint written by `save_orbax` (any compression or chunking) into (LlamaConfig,
+    params), one array at a time and, with `shardings`, only the slices the local devices hold, cast to `dtype`
+    (default: the config's) as each slice is read."""
     path = Path(path).absolute()
     cfg = check_orbax(path)
-    target = model_lib.param_shapes(cfg)
-    if shardings is not None:
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=np.dtype(dtype).name)
+    expected = model_lib.param_shapes(cfg)
+    flat_shardings = _flat(shardings)
+    loaded = {}
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(path / "params", target)
+        stores = _OrbaxArrays(path / "params")
+        for p, leaf in named_leaves(expected):
+            store = stores.open(".".join(p))
+            if tuple(store.shape) != leaf.shape:
+                raise CheckpointError(f"{path}/params: {'.'.join(p)} has shape {list(store.shape)}, but its "
+                                      f"config.json implies {list(leaf.shape)}; was it written with another config?")
+            read = functools.partial(_read_orbax_slice, store, dtype=leaf.dtype)
+            loaded[p] = safetensors_io.place(leaf.shape, flat_shardings.get(p), read)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}/params: cannot be restored with its config.json ({error_summary(e)}); is "
                               f"it complete and written by `mft-jax convert --from-hf`?") from e
-    return cfg, params
+    return cfg, _unflatten(expected, loaded)
+
+
+class _OrbaxArrays:
+    """Opens the arrays of an orbax PyTree checkpoint one at a time as TensorStores (orbax builds the spec, so
+    OCDBT or not, zarr or zarr3, compressed or not, are all read as orbax itself would)."""
+
+    def __init__(self, directory: Path):
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        self._ocp, self._directory = ocp, epath.Path(directory)
+        self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self._directory)
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+
+    def open(self, name: str):
+        import tensorstore as ts
+
+        error = None
+        for zarr3 in (False, True):
+            info = self._ocp.type_handlers.ParamInfo(name=name, parent_dir=self._directory, use_zarr3=zarr3,
+                                                     is_ocdbt_checkpoint=self._ocdbt, ts_context=self._context)
+            spec = self._ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+            try:
+                return ts.open(spec, open=True, context=self._context).result()
+            except ValueError as e:  # not found under this format
+                error = error or e
+        if "NOT_FOUND" in str(error):
+            raise CheckpointError(f"{self._directory}: no array {name}, which its config.json implies; was it "
+                                  f"written with another config?")
+        raise error
+
+
+def _read_orbax_slice(store, bounds: tuple[tuple[int, int], ...], dtype) -> np.ndarray:
+    return np.asarray(store[tuple(slice(start, stop) for start, stop in bounds)].read().result()).astype(
+        dtype, copy=False)
 
 
 def error_summary(error: BaseException, limit: int = 300) -> str:
@@ -461,9 +428,5 @@ def load_any(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig,
     """A HF checkpoint directory or an orbax params checkpoint written by `save_orbax`."""
     path = Path(path)
     if (path / "params").is_dir():
-        cfg, params = load_orbax(path, shardings)
-        if dtype is not None:
-            params = jax.tree.map(lambda x: x.astype(dtype), params)
-            cfg = dataclasses.replace(cfg, dtype=np.dtype(dtype).name)
-        return cfg, params
+        return load_orbax(path, shardings, dtype)
     return load_hf(path, dtype, shardings)

@@ -1,9 +1,12 @@
 """Checkpoint conversion: sharded files, bad checkpoints, orbax round trip, the convert CLI."""
 
 import json
+import os
+import socket
 import struct
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -176,3 +179,211 @@ def test_save_hf_keeps_a_foreign_directory_and_replaces_its_own(hf_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
     _, params2 = convert.load_hf(out)
     assert _all_equal(params, params2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Host memory: one tensor in flight, each device slice read once, nothing cached on the params
+# --------------------------------------------------------------------------------------------------------
+
+def _mesh_shardings(tree, spec_of):
+    from jax.sharding import NamedSharding
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec_of(p[-1].key, x.shape)), tree)
+
+
+def _count_row_reads(monkeypatch):
+    """Records (tensor offset, first row, end row) of every read the loaders make from a safetensors file."""
+    from mft_jax import safetensors_io
+
+    reads = []
+    original = safetensors_io.TensorRef._read
+
+    def counting(self, start, stop):
+        reads.append((self.offset, start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(safetensors_io.TensorRef, "_read", counting)
+    return reads
+
+
+@pytest.mark.parametrize("split", ["hf_rows", "hf_columns"])
+def test_sharded_load_reads_each_distinct_slice_once(hf_dir, monkeypatch, split):
+    """On a (data 2, fsdp 4) mesh each param has at most 4 distinct slices, each held by 2 devices: a slice is
+    read once, and a slice of HF rows reads only those rows (a host reads only the rows of its slices)."""
+    from jax.sharding import PartitionSpec as P
+
+    _, path = hf_dir
+    cfg, plain = convert.load_hf(path)
+    refs = convert.tensor_index(path)
+
+    def spec_of(leaf_name, shape):
+        if leaf_name == "kernel":  # ours [in, out]: HF rows are our out (axis 1), HF columns our in (axis 0)
+            axis = 1 if split == "hf_rows" else 0
+            return P(*["fsdp" if a == axis else None for a in range(2)]) if shape[axis] % 4 == 0 else P()
+        return P("fsdp") if len(shape) == 1 and shape[0] % 4 == 0 else P()
+
+    shardings = _mesh_shardings(plain, spec_of)
+    reads = _count_row_reads(monkeypatch)
+    _, sharded = convert.load_hf(path, shardings=shardings)
+    expected_rows = 0
+    for (p, want), got, sharding in zip(convert.named_leaves(plain), [x for _, x in convert.named_leaves(sharded)],
+                                        [s for _, s in convert.named_leaves(shardings)]):
+        assert got.sharding == sharding and np.array_equal(np.asarray(got), np.asarray(want)), p
+        ref = refs[convert.hf_name(p)]
+        ranges = sorted((a, b) for offset, a, b in reads if offset == ref.offset)
+        rows, parts = ref.shape[0], len({str(s.index) for s in got.addressable_shards})
+        if parts == 1:  # replicated on 8 devices: read once, not 8 times
+            expected = [(0, rows)]
+        elif split == "hf_rows" or len(ref.shape) == 1:  # each row once
+            expected = [(i * rows // 4, (i + 1) * rows // 4) for i in range(4)]
+        else:  # a block of columns of a row-major file needs its rows: once per distinct slice, not per device
+            expected = [(0, rows)] * 4
+        assert ranges == expected, p
+        expected_rows += sum(b - a for a, b in expected)
+    assert sum(b - a for _, a, b in reads) == expected_rows  # and nothing else was read
+
+
+def test_orbax_round_trip_cast_sharded_and_older_checkpoints(hf_dir, tmp_path):
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from jax.sharding import PartitionSpec as P
+
+    _, path = hf_dir
+    cfg, params = convert.load_hf(path)
+    out = convert.save_orbax(cfg, params, tmp_path / "orbax")
+    cfg2, back = convert.load_orbax(out)
+    assert cfg2 == cfg and _all_equal(params, back)
+    shardings = _mesh_shardings(params, lambda name, shape: P("fsdp") if shape[0] % 4 == 0 else P())
+    cfg3, sharded = convert.load_any(out, dtype=jnp.bfloat16, shardings=shardings)
+    assert cfg3.dtype == "bfloat16"
+    for a, b, s in zip(jax.tree.leaves(params), jax.tree.leaves(sharded), jax.tree.leaves(shardings)):
+        assert b.dtype == jnp.bfloat16 and b.sharding == s
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(jnp.bfloat16))
+    # stored uncompressed (zstd's buffers would hold a second copy of the model while saving)
+    store = convert._OrbaxArrays(out / "params").open("embed_tokens")
+    assert store.spec().to_json()["metadata"].get("compressor") is None
+    # what earlier versions wrote (orbax's StandardCheckpointer: zstd, one chunk per array) still loads
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text((out / "config.json").read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(old.absolute() / "params", params)
+    assert _all_equal(params, convert.load_orbax(old)[1])
+    # a config.json of other shapes is named with the first param that does not fit
+    hf_cfg = json.loads((out / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**hf_cfg, "intermediate_size": 2 * hf_cfg["intermediate_size"]}))
+    with pytest.raises(convert.CheckpointError, match=r"layers_0\.mlp\.down_proj\.kernel has shape \[112, 64\], but "
+                                                      r"its config\.json implies \[224, 64\]"):
+        convert.load_orbax(old)
+    (old / "config.json").write_text(json.dumps({**hf_cfg, "num_hidden_layers": hf_cfg["num_hidden_layers"] + 1}))
+    with pytest.raises(convert.CheckpointError, match=r"params: no array layers_3\.input_layernorm\.scale, which its "
+                                                      r"config\.json implies"):
+        convert.load_orbax(old)
+
+
+def test_save_hf_holds_one_tensor_and_caches_nothing_on_the_params(tmp_path):
+    import tracemalloc
+
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from mft_jax.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, dtype="float32")
+    params = model.init_params(cfg, jax.random.key(0), jnp.float32)
+    sizes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(params)]
+    largest, total = max(sizes), sum(sizes)  # 4 MiB (embedding, head), 13.6 MiB
+    shardings = _mesh_shardings(params, lambda name, shape: P("fsdp") if shape[0] % 4 == 0 else P())
+    sources = {"one device": lambda: jax.tree.map(jnp.copy, params),
+               "8 devices": lambda: jax.device_put(params, shardings),
+               "numpy": lambda: jax.tree.map(lambda x: np.array(x, copy=True), params)}
+    files = {}
+    for name, make in sources.items():
+        for dtype in ("float32", "bfloat16"):
+            convert.save_hf(cfg, make(), tmp_path / "warm", dtype=dtype)  # compiles the transposes once
+            tree = jax.block_until_ready(make())  # fresh arrays: nothing cached on them yet
+            tracemalloc.start()
+            out = convert.save_hf(cfg, tree, tmp_path / f"{name}-{dtype}", dtype=dtype)
+            kept, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            # one tensor on host (8 devices: assembled from its shards) plus one cast/transposed block of it;
+            # fetching whole params, or caching host copies on them, would reach the model's size
+            assert peak < 2 * largest + 2**20 < total, (name, dtype, peak)
+            assert kept < 2**20, (name, dtype, kept)
+            files[name, dtype] = (out / "model.safetensors").read_bytes()
+    for dtype in ("float32", "bfloat16"):
+        assert files["one device", dtype] == files["8 devices", dtype] == files["numpy", dtype]
+    _, bf16 = convert.load_hf(tmp_path / "numpy-bfloat16")
+    assert all(np.array_equal(np.asarray(b), np.asarray(a).astype(jnp.bfloat16))
+               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(bf16)))
+
+
+def test_write_safetensors_streams_blocks_and_checks_their_size(tmp_path):
+    blocks = [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(6, 9, dtype=np.float32).reshape(1, 3)]
+    convert.write_safetensors(tmp_path / "a.safetensors", [("w", (3, 3), np.float32, lambda: iter(blocks))])
+    np.testing.assert_array_equal(convert.read_safetensors_index(tmp_path / "a.safetensors")["w"].load(),
+                                  np.arange(9, dtype=np.float32).reshape(3, 3))
+    with pytest.raises(ValueError, match=r"tensor w: produced 24 bytes, declared shape \(3, 3\) x float32 needs 36"):
+        convert.write_safetensors(tmp_path / "b.safetensors", [("w", (3, 3), np.float32, lambda: iter(blocks[:1]))])
+
+
+_TWO_PROCESS_CHILD = textwrap.dedent("""
+    import json, sys
+    from mft_jax import distributed
+    distributed.initialize()
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mft_jax import convert, model, safetensors_io
+    src, out, record = sys.argv[1:]
+    rows = []
+    read_rows = safetensors_io.TensorRef._read
+    safetensors_io.TensorRef._read = lambda self, a, b: rows.append(b - a) or read_rows(self, a, b)
+    cfg = convert.load_config(src)
+    mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+    # kernels split over their out dimension (HF rows) across the 8 devices of both processes; the rest replicated
+    spec = lambda p, x: P(None, "tensor") if p[-1].key == "kernel" and x.shape[1] % 8 == 0 else P()
+    shardings = jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec(p, x)),
+                                                 model.param_shapes(cfg))
+    _, params = convert.load_hf(src, shardings=shardings)
+    rows_read = sum(rows)
+    convert.save_orbax(cfg, params, out)
+    _, back = convert.load_orbax(out, shardings=shardings)
+    same = all(np.array_equal(np.asarray(s.data), np.asarray(t.data)) for a, b in
+               zip(jax.tree.leaves(params), jax.tree.leaves(back)) for s, t in zip(a.addressable_shards,
+                                                                                    b.addressable_shards))
+    json.dump({"rows_read": rows_read, "same": same, "processes": jax.process_count()},
+              open(f"{record}.{jax.process_index()}", "w"))
+""")
+
+
+def test_two_processes_read_their_rows_and_write_their_shards(hf_dir, tmp_path):
+    """2 processes x 4 CPU devices load a HF checkpoint onto one mesh, reading only the HF rows of their own
+    slices, save it as one orbax checkpoint (each writing its shards) and read it back onto the mesh."""
+    _, path = hf_dir
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MFT_JAX_")}
+        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   MFT_JAX_COORDINATOR=f"localhost:{port}", MFT_JAX_NUM_PROCESSES="2", MFT_JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_CHILD, str(path), str(tmp_path / "orbax"),
+                                       str(tmp_path / "record")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output[-3000:]
+    records = [json.loads((tmp_path / f"record.{i}").read_text()) for i in range(2)]
+    refs = convert.tensor_index(path)
+    split = [n for n, r in refs.items() if len(r.shape) == 2 and "embed" not in n and r.shape[0] % 8 == 0]
+    assert split and "lm_head.weight" not in split  # 97 vocab rows: replicated
+    half = sum(r.shape[0] for r in refs.values()) - sum(refs[n].shape[0] for n in split) // 2
+    assert records == [{"rows_read": half, "same": True, "processes": 2}] * 2
+    written = sorted(p.name for p in (tmp_path / "orbax" / "params").iterdir() if p.name.startswith("ocdbt.process_"))
+    assert written == ["ocdbt.process_0", "ocdbt.process_1"]
+    assert _all_equal(convert.load_hf(path)[1], convert.load_orbax(tmp_path / "orbax")[1])
+    assert outputs.is_ours(tmp_path / "orbax") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
