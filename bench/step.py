@@ -27,6 +27,9 @@ from mft_jax.trees import merge, subtree
 PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2),
+    # 58M parameters: the CPU shapes the issue tracker's step figures were measured on (seq 256, layers 4-7)
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8),
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
                         rope_theta=500000.0),

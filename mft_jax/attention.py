@@ -79,7 +79,7 @@ def splash_block(length: int) -> int:
 def _splash_kernel(num_heads: int, length: int, interpret: bool):
     """A causal splash kernel for [H, L, Dh] inputs (one example; vmapped over the batch). The mask's block
     structure is computed in numpy (~0.4 s at L = 4096, H = 32), once per shape rather than once per layer."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # heavy; only this path needs it
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU only: CPU/GPU never load Pallas
 
     block = splash_block(length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mft_jax import data as data_lib
 from mft_jax import masking, model, trees
 from mft_jax.config import ConfigError, LlamaConfig, MaskConfig, RunConfig
 
@@ -50,8 +51,6 @@ def calibration_batches(run: RunConfig, tokenizer_dir: str | None, tokens: int =
     last batch is cut at the budget by setting the segment id of the tokens past it (row-major) to 0, which
     changes nothing before them: attention is causal and never crosses rows. batch_size: rows per forward;
     None: 8192 tokens' worth (the XLA attention holds [B, heads, L, L] fp32 logits: 4.3 GB for a 7B at L=4096)."""
-    from mft_jax import data as data_lib
-
     if not (isinstance(tokens, int) and tokens > 0):
         raise ConfigError(f"--calibration-tokens must be a positive integer, got {tokens!r}")
     batch_size = batch_size or max(1, 8192 // run.data.max_seq_length)

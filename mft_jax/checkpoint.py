@@ -25,6 +25,8 @@ from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 
 from mft_jax.convert import CheckpointError, error_summary
 
@@ -122,8 +124,6 @@ class Checkpointer:
             for step in steps:
                 os.replace(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("mft_jax.checkpoint.set_aside")
         self.manager.reload()
 
@@ -152,8 +152,6 @@ def _quiet_read_errors():
     failed restore report "Event loop is closed" as unraisable exceptions (possibly later, from other threads).
     `restore_newest` reports each failure in one line itself, so both are silenced: the log during the attempt,
     the closed-loop reports from then on (nothing else is affected)."""
-    from absl import logging as absl_logging
-
     if not getattr(sys.unraisablehook, "_mft_jax_quiet", False):
         previous = sys.unraisablehook
 

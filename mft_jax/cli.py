@@ -14,12 +14,16 @@ replaced only if mft-jax wrote it or with --overwrite, and never when it is, hol
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from mft_jax import config, convert, demo, distributed, export, landscape, outputs, sweep, train
 from mft_jax.config import ConfigError
+from mft_jax.data import DataError, add_data_commands
+from mft_jax.evaluate import add_eval_commands
 
 EXIT_USAGE, EXIT_INPUT, EXIT_INTERRUPTED = 2, 1, 130
 _OVERWRITE_HELP = ("replace --out even if mft-jax did not write it (never an input, a directory holding one, "
@@ -27,8 +31,6 @@ _OVERWRITE_HELP = ("replace --out even if mft-jax did not write it (never an inp
 
 
 def _convert(args):
-    from mft_jax import convert, outputs
-
     if bool(args.from_hf) == bool(args.to_hf):
         raise ConfigError("give exactly one of --from-hf HF_DIR or --to-hf ORBAX_DIR")
     if args.from_hf and args.tokenizer:
@@ -53,8 +55,6 @@ def _convert(args):
 
 
 def _train(args):
-    from mft_jax import config, train
-
     run = config.load(args.config, args.set or [])
     summary = train.train(run, extend=getattr(args, "extend", False))
     if summary.get("already_finished"):
@@ -66,10 +66,6 @@ def _train(args):
 
 
 def _export(args):
-    import json
-
-    from mft_jax import export
-
     if args.baseline is None and Path(args.run).is_file():
         raise ConfigError(f"{args.run} is a file: export takes a run directory (a run config YAML only with "
                           f"--baseline)")
@@ -84,15 +80,11 @@ def _export(args):
 
 
 def _apply_masks(args):
-    from mft_jax import export
-
     out = export.apply_masks_file(args.base, args.masks, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote masked Hugging Face checkpoint {out}")
 
 
 def _demo(args):
-    from mft_jax import demo
-
     demo.run(args.out, seeds=args.seeds, config_path=args.config, overrides=args.set or [], overwrite=args.overwrite)
 
 
@@ -150,15 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=_demo)
 
-    from mft_jax import landscape, sweep
-
     landscape.add_parser(sub)
     sweep.add_parser(sub)
-    from mft_jax.data import add_data_commands
-
     add_data_commands(sub)
-    from mft_jax.evaluate import add_eval_commands
-
     add_eval_commands(sub)
     return parser
 
@@ -170,10 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_error_types() -> tuple[type, ...]:
     """ConfigError subclasses that are about inputs and outputs rather than usage (exit 1, not 2). A class
     may also say so itself with an `exit_code` attribute."""
-    from mft_jax.data.sources import DataError
-    from mft_jax.outputs import OutputError
-
-    return OutputError, DataError
+    return outputs.OutputError, DataError
 
 
 def _one_line(message: str, limit: int = 2000) -> str:
@@ -191,10 +174,6 @@ def _os_message(error: OSError) -> str:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that ends a command."""
-    from mft_jax.convert import CheckpointError
-
-    train = sys.modules.get("mft_jax.train")
-    non_finite = getattr(train, "NonFiniteLossError", ()) if train is not None else ()
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
     code = getattr(error, "exit_code", None)
@@ -202,7 +181,7 @@ def describe_error(error: BaseException) -> tuple[int, str]:
         message = str(error)
         if code is None:
             code = EXIT_INPUT if isinstance(error, _input_error_types()) else EXIT_USAGE
-    elif isinstance(error, CheckpointError) or (non_finite and isinstance(error, non_finite)):
+    elif isinstance(error, (convert.CheckpointError, train.NonFiniteLossError)):
         message = str(error)
     elif isinstance(error, OSError):
         message = _os_message(error)
@@ -231,8 +210,6 @@ def main(argv=None):
     _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
-        from mft_jax import distributed
-
         distributed.initialize()  # joins the other processes of a multi-host run before any JAX device use
         args.func(args)
     except SystemExit:

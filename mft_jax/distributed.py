@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax
+
 from mft_jax.config import ConfigError
 
 COORDINATOR = "MFT_JAX_COORDINATOR"
@@ -100,8 +102,6 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
     Call it before anything touches a JAX device (jax.devices(), any computation): JAX fixes the device set
     when its backend starts. Safe to call again; a single process does nothing.
     """
-    import jax
-
     if jax.distributed.is_initialized():
         return True
     environ = os.environ if environ is None else environ

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 import safetensors
 import safetensors.numpy
@@ -267,8 +268,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
                             command="export")
             (tmp / "export.json").write_text(json.dumps(result, indent=2))
     if jax.process_count() > 1:  # no process returns before the files exist
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("mft_jax.export_run")
     return result
 
@@ -276,8 +275,6 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
 def _to_host(tree):
     """Arrays this process cannot read whole (sharded across processes) gathered into numpy; the others are
     left as they are (the writers fetch them one at a time). Every process must call it with the same tree."""
-    from jax.experimental import multihost_utils
-
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))

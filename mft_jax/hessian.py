@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 from mft_jax import losses, model, trees
 from mft_jax.config import LlamaConfig
@@ -48,8 +49,6 @@ def tree_vdot(a: Tree, b: Tree) -> jax.Array:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, dynamic_ncols=True, leave=False)
 
 

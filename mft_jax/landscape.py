@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import hessian, masking, model, sharding, trees
+from mft_jax import config as config_lib
+from mft_jax import data, export, hessian, masking, model, outputs, sharding, trees
 from mft_jax.config import ConfigError, LlamaConfig, MeshConfig
 from mft_jax.hessian import Curvature
 
@@ -110,9 +111,7 @@ class Objective:
         if stacked["inputs"].shape[1] * jax.process_count() % dp:
             raise ConfigError(f"landscape: a batch of {stacked['inputs'].shape[1] * jax.process_count()} rows does "
                               f"not split over the data-parallel size {dp}; use a multiple of {dp} (--batch-size)")
-        from mft_jax.data import to_global_batch
-
-        self.batches = to_global_batch(stacked, sharding.batch_sharding(self.mesh, micro_batched=True))
+        self.batches = data.to_global_batch(stacked, sharding.batch_sharding(self.mesh, micro_batched=True))
         self.paths = sorted(trees.flatten(params)) if paths is None else sorted(paths)
         self.shardings = {p: trees.get_path(self.param_shardings, p) for p in self.paths}
         self.op = Curvature(cfg, jnp.dtype(compute_dtype).name, remat, loss_chunk, tuple(self.shardings.items()))
@@ -233,7 +232,7 @@ def sharpness(cfg, params, batches, paths, mesh=None, *, eigs: int = 3, iters: i
 # --------------------------------------------------------------------------------------------------------
 
 def _subplots(*grid, figsize):
-    from matplotlib.figure import Figure  # no pyplot: no global figure registry, no backend to pick
+    from matplotlib.figure import Figure  # heavy (0.6 s), plots only; no pyplot: no figure registry, no backend
 
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*grid)
@@ -337,8 +336,6 @@ def _base(spec: str) -> str:
 
 
 def _run_config(args):
-    from mft_jax import config as config_lib, export
-
     if args.config:
         return config_lib.load(args.config, verbose=False), args.config
     base = Path(_base(args.model))
@@ -350,8 +347,6 @@ def _run_config(args):
 
 def dev_batches(run_cfg, tokenizer_dir, num_batches: int, batch_size: int) -> list[dict]:
     """The first `num_batches` batches of data.dev in file order, `batch_size` rows each (this process's share)."""
-    from mft_jax import data
-
     if not run_cfg.data.dev:
         raise ConfigError("data.dev lists no sources; the landscape is measured on held-out batches: add data.dev")
     if batch_size % jax.process_count():
@@ -363,8 +358,6 @@ def dev_batches(run_cfg, tokenizer_dir, num_batches: int, batch_size: int) -> li
 
 def run(args) -> int:
     """`mft-jax landscape`: OUT/landscape.json and PNGs (lines.png, surface.png, sharpness.png)."""
-    from mft_jax import export, outputs
-
     _check_args(args)
     run_cfg, config_file = _run_config(args)
     inputs = [*(_base(s) for s in [args.model, *args.against]), config_file]
@@ -436,8 +429,6 @@ def _label(spec: str) -> str:
 
 
 def _write(args, result: dict, inputs) -> None:
-    from mft_jax import outputs
-
     name = _label(args.model)
     with outputs.new_dir(args.out, inputs=inputs, overwrite=args.overwrite, command="landscape") as tmp:
         (tmp / "landscape.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -181,8 +182,6 @@ class RunLock:
                           f"finish or stop it (SIGTERM saves a checkpoint), or use another run_dir")
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 from mft_jax import tracking
 
@@ -23,15 +24,13 @@ class MetricsLog:
         self.tracker = tracking.Tracker.open(run_config or {}, run_dir, wandb)
         self.file = open(run_dir / "metrics.jsonl", "a")
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional: ImportError turns TensorBoard off
 
             # purge_step: TensorBoard drops the events of steps a resumed run trains again.
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start or None)
         except ImportError:  # TensorBoard logging is optional
             self.tb = None
         if progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
 

@@ -16,8 +16,10 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mft_jax import model
 from mft_jax.config import ConfigError, LlamaConfig, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
@@ -73,8 +75,6 @@ def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, shapes=None):
     """NamedSharding for every param (a pytree like the params)."""
-    from mft_jax import model
-
     shapes = model.param_shapes(cfg) if shapes is None else shapes
     axes = model.param_logical_axes(cfg)
     return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, s.shape, mesh)), axes, shapes,
@@ -92,8 +92,6 @@ def batch_sharding(mesh: Mesh, micro_batched: bool = True) -> NamedSharding:
 
 def opt_state_shardings(optimizer, opt_state_shapes, trainable_shardings, mesh: Mesh):
     """Optimizer state shaped like the trainable tree gets its shardings; scalars (counts) are replicated."""
-    import optax
-
     return optax.tree_map_params(optimizer, lambda _, s: s, opt_state_shapes, trainable_shardings,
                                  transform_non_params=lambda _: replicated(mesh))
 

@@ -25,14 +25,16 @@ import json
 import math
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mft_jax import config as config_lib
-from mft_jax import rundir
+from mft_jax import convert, rundir, train
 from mft_jax.config import ConfigError
+from mft_jax.evaluate import commands
 
 SEED_KEY = "train.seed"
 SPEC_FILE, RESULTS_FILE, TABLE_FILE = "sweep_spec.json", "sweep.json", "table.md"
@@ -144,8 +146,6 @@ def ckpt_overrides(run: config_lib.RunConfig) -> list[str]:
 def point_configs(base_raw: dict, points: list[dict], sweep_dir: Path) -> list[config_lib.RunConfig]:
     """Each point's RunConfig (base + its settings + ckpt_overrides + run_dir), all checked (layers against the
     model's config.json too) before any runs; sets point["overrides"], the --set list that makes it."""
-    from mft_jax import convert
-
     runs = []
     for point in points:
         grid = [f"{k}={v}" for k, v in point["settings"].items()]
@@ -176,8 +176,6 @@ def select_step(run_dir: Path) -> tuple[int, float | None]:
 
 def evaluate_point(args, run_dir: Path, step: int) -> dict:
     """{task: metrics} of the run's checkpoint `step` on --tasks (none: {})."""
-    from mft_jax.evaluate import commands
-
     return commands.run_tasks(args, f"{run_dir}:{step}", verbose=args.verbose) if args.tasks else {}
 
 
@@ -227,7 +225,7 @@ def format_table(rows: list[dict], axes: list[tuple[str, list[str]]], header: st
 
 def plot(rows: list[dict], axes: list[tuple[str, list[str]]], out_dir: Path) -> list[Path]:
     """plots/<metric>_vs_<key>.png: mean ± std over seeds against each swept key, a line per other setting."""
-    import matplotlib
+    import matplotlib  # heavy (~0.6 s), plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -282,8 +280,6 @@ def _fill_eval_defaults(args, base: config_lib.RunConfig) -> None:
 
 def check_tasks(args) -> None:
     """Reads every task's data now, so a wrong task name or file fails before any training."""
-    from mft_jax.evaluate import commands
-
     if "loss" in args.tasks.split(",") and not args.loss_data:
         raise SweepError("--tasks loss needs --loss-data FILE[,FILE] (held-out data, e.g. the test split; the "
                          "dev split's loss is recorded for every point anyway, as dev_loss)")
@@ -361,8 +357,6 @@ def is_finished(sweep_dir: Path, point: dict) -> bool:
 def run_point(args, point: dict, run: config_lib.RunConfig, sweep_dir: Path) -> dict:
     """Trains (or resumes, or finds finished) the point's run, selects its step on dev, evaluates it, and
     writes eval/<name>.json (the point's record) last, so that a point killed anywhere is done again."""
-    from mft_jax import train
-
     summary = train.train(run, verbose=args.verbose)
     if summary.get("stopped"):
         raise SweepStopped(f"point {point['index']} ({point['name']}) stopped ({summary['stopped']}) at step "
@@ -411,8 +405,6 @@ def print_commands(args, points: list[dict], finished: list[bool]) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `sweep` on an argparse subparsers object (sets func=run)."""
-    from mft_jax.evaluate.commands import add_task_args
-
     p = subparsers.add_parser("sweep", help="train and evaluate a grid of run configs; table and plots over seeds")
     p.add_argument("--config", required=True, help="the base run config (YAML)")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
@@ -429,7 +421,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's own limit")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
                    help="evaluation activations (default: bfloat16 on accelerators, float32 on CPU)")
-    add_task_args(p, required=False)
+    commands.add_task_args(p, required=False)
     p.set_defaults(func=run, tasks=None, max_length=None, template=None, max_seq_length=None, data_cache_dir=None,
                    tokenizer=None)
     return p
@@ -443,6 +435,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main(sys.argv[1:]))

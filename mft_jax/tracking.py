@@ -18,6 +18,7 @@ wandb is never imported; with a project but no wandb installed, opening it fails
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from pathlib import Path
@@ -46,8 +47,6 @@ def _wandb_config(cfg: WandbConfig | dict | None) -> WandbConfig | None:
 def check(wandb_cfg: WandbConfig | dict | None) -> None:
     """Raises `TrackingError` now if tracking is on but wandb is not installed (no import: call it while
     checking the config, before data and compilation)."""
-    import importlib.util
-
     cfg = _wandb_config(wandb_cfg)
     if cfg is not None and importlib.util.find_spec("wandb") is None:
         raise _not_installed(cfg)
@@ -94,7 +93,7 @@ class Tracker:
         if cfg is None:
             return cls()
         try:
-            import wandb
+            import wandb  # optional: only runs with log.wandb set need it
         except ImportError:
             raise _not_installed(cfg) from None
         run_dir = Path(run_dir)
@@ -124,7 +123,7 @@ class Tracker:
     def log_image(self, name: str, path: str | Path) -> None:
         """A plot (PNG file) under `name`, at the last logged step."""
         if self.run is not None:
-            import wandb
+            import wandb  # optional: a run exists only if it imported above
 
             self.run.log({name: wandb.Image(str(path))})
 

@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from mft_jax import config
 from mft_jax.data import formatting, store
 from mft_jax.data.loader import plan_rows
 
@@ -35,8 +36,6 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from mft_jax import config
-
     cfg = config.load(args.config, args.set)
     return cfg.data, (cfg.model.path or None)
 

@@ -29,13 +29,16 @@ left within max_seq_length.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import jinja2
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from mft_jax.data.schemas import DroppedExample, row_to_messages
 from mft_jax.data.sources import DataError
@@ -75,7 +78,7 @@ def load_tokenizer(path: str | os.PathLike | None):
         raise DataError(f"tokenizer directory {str(path)!r} does not exist; {fix}")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise DataError(f"tokenizer directory {str(path)!r} has no tokenizer.json / tokenizer.model; {fix}")
-    from transformers import AutoTokenizer  # slow import; only when a tokenizer is needed
+    from transformers import AutoTokenizer  # heavy: ~4 s to import; only loading a tokenizer needs it
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -92,8 +95,6 @@ def load_tokenizer(path: str | os.PathLike | None):
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over the tokenizer files' contents (for the cache key)."""
-    import hashlib
-
     digest = hashlib.sha256()
     prefixes = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens", "vocab", "merges")
     for file in sorted(Path(path).iterdir()):
@@ -113,8 +114,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os
     special_tokens_map.json and chat_template.jinja; `AutoTokenizer.from_pretrained(out_dir)` loads it.
     transformers is not imported, so this takes well under a second for a few thousand short texts.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -187,7 +186,6 @@ def _chat_template_renderer(tokenizer, add_bos: bool) -> Renderer:
     if add_bos and (template.startswith("{{ bos_token }}") or template.startswith(str(tokenizer.bos_token))):
         raise DataError("data.add_bos is true but the tokenizer's chat_template already starts with the BOS; "
                         "set data.add_bos: false")
-    import jinja2
 
     bos = _bos_text(tokenizer, add_bos)
 
@@ -295,8 +293,6 @@ def _plain_backend(tokenizer):
     backend = tokenizer.backend_tokenizer
     if backend.truncation is None and backend.padding is None:
         return backend
-    from tokenizers import Tokenizer
-
     copy = Tokenizer.from_str(backend.to_str())
     copy.no_truncation()
     copy.no_padding()

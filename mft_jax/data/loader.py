@@ -28,14 +28,18 @@ loudly instead of silently feeding other data.
 from __future__ import annotations
 
 import bisect
+import json
 import sys
 import threading
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from mft_jax.data.sources import DataError
+from mft_jax.data.store import build_dataset, open_data_source
 
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
 
@@ -175,8 +179,6 @@ class _BatchMaker:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         if self._source is None:
-            from mft_jax.data.store import open_data_source
-
             with self._lock:
                 if self._source is None:
                     self._source = open_data_source(self.data_dir, self.split)
@@ -230,8 +232,6 @@ class SFTLoader(grain.DatasetIterator):
         iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                                  prefetch_buffer_size=prefetch))
         if num_workers:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
                 flags.FLAGS.mark_as_parsed()
             iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -250,8 +250,6 @@ class SFTLoader(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if isinstance(state, (bytes, str)):
-            import json
-
             state = json.loads(state)
         saved = state.get("settings", {})
         differ = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
@@ -277,11 +275,7 @@ def make_loader(data_cfg, tokenizer_path, split: str, batch_size: int, *, seed: 
     verbose: print the split's summary and per-source table (train passes it on process 0). A source that
     dropped more than data.max_drop_fraction of its rows raises `DataError` (see `build_dataset`).
     """
-    from mft_jax.data.store import build_dataset
-
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     info = build_dataset(data_cfg, tokenizer_path, split, verbose=verbose)
@@ -300,8 +294,6 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict:
     `sharding` is one `jax.sharding.Sharding` for every key (e.g. NamedSharding(mesh, P(("data", "fsdp"))))
     or a dict of them by key. Each process passes its own rows (`jax.make_array_from_process_local_data`).
     """
-    import jax
-
     return {key: jax.make_array_from_process_local_data(sharding[key] if isinstance(sharding, dict) else sharding,
                                                         value)
             for key, value in local_batch.items()}

@@ -22,10 +22,13 @@ import dataclasses
 import json
 import math
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from mft_jax.config import ConfigError
 
@@ -126,8 +129,6 @@ def _read_json(path: Path) -> list[Any]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for damaged files
@@ -141,9 +142,6 @@ def _hub_offline() -> bool:
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
     """One HEAD request to the hub (honouring proxy settings): offline, `datasets` would retry for minutes."""
-    import urllib.error
-    import urllib.request
-
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
@@ -173,7 +171,7 @@ def _read_hub(source: str):
            f"network access (or the dataset in the local Hugging Face cache and HF_DATASETS_OFFLINE=1); "
            f"otherwise save a local copy as .jsonl / .parquet and list that path instead")
     try:
-        import datasets  # only needed for hub sources
+        import datasets  # optional: only hub sources need it (~1 s to import)
     except ImportError:
         raise DataError(fix + " [`datasets` is not installed: pip install datasets]") from None
     if not _hub_offline() and not _hub_reachable():

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mft_jax.config import DataConfig
 from mft_jax.data import accounting, formatting, sources
@@ -71,8 +72,6 @@ class DatasetInfo:
 
 
 def open_data_source(data_dir: str | os.PathLike, split: str):
-    import tensorflow_datasets as tfds
-
     return tfds.data_source(BUILDER_NAME, split=split, data_dir=str(data_dir), download=False)
 
 
@@ -115,59 +114,53 @@ def cache_key(data_cfg: DataConfig, tokenizer_path: str, split: str) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _builder_class():
-    """The TFDS builder class (defined lazily: importing tensorflow_datasets costs about a second)."""
-    import tensorflow_datasets as tfds
+class SftExamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Tokenized SFT examples of one split, in mixer order."""
 
-    class SftExamples(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Tokenized SFT examples of one split, in mixer order."""
+    name = BUILDER_NAME
+    VERSION = tfds.core.Version("1.0.0")
 
-        name = BUILDER_NAME
-        VERSION = tfds.core.Version("1.0.0")
+    # No source-file lookups: there are no download checksums, and TFDS's lookup for a builder defined
+    # inside a package needs `importlib_resources`, which is not installed.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
 
-        # No source-file lookups: there are no download checksums, and TFDS's lookup for a builder defined
-        # inside a package needs `importlib_resources`, which is not installed.
-        @tfds.core.utils.classproperty
-        @classmethod
-        def code_path(cls):
-            return None
+    def __init__(self, *, split: str, examples, **kwargs):
+        self._split = split
+        self._examples = examples  # iterable of (ids_N, labels_N); stats filled into self.stats
+        self.stats = None
+        super().__init__(**kwargs)
 
-        def __init__(self, *, split: str, examples, **kwargs):
-            self._split = split
-            self._examples = examples  # iterable of (ids_N, labels_N); stats filled into self.stats
-            self.stats = None
-            super().__init__(**kwargs)
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Tokenized SFT examples (mft_jax.data)",
+            features=tfds.features.FeaturesDict({
+                "ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "labels": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+            }),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # keep mixer order: record i is the i-th kept example
+        )
 
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description="Tokenized SFT examples (mft_jax.data)",
-                features=tfds.features.FeaturesDict({
-                    "ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                    "labels": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-                }),
-                metadata=tfds.core.MetadataDict(),
-                disable_shuffling=True,  # keep mixer order: record i is the i-th kept example
-            )
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {self._split: self._generate_examples()}
 
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {self._split: self._generate_examples()}
+    def _generate_examples(self):
+        for index, (ids_N, labels_N) in enumerate(self._examples):
+            yield index, {"ids": ids_N, "labels": labels_N}
+        # Runs after the last example, before TFDS writes metadata.json.
+        self.info.metadata.update(self.stats)
 
-        def _generate_examples(self):
-            for index, (ids_N, labels_N) in enumerate(self._examples):
-                yield index, {"ids": ids_N, "labels": labels_N}
-            # Runs after the last example, before TFDS writes metadata.json.
-            self.info.metadata.update(self.stats)
+    # TFDS prints "Downloading and preparing dataset..." banners; build_dataset prints its own summary.
+    def _log_download_bytes(self):
+        pass
 
-        # TFDS prints "Downloading and preparing dataset..." banners; build_dataset prints its own summary.
-        def _log_download_bytes(self):
-            pass
-
-        def _log_download_done(self):
-            pass
-
-    return SftExamples
+    def _log_download_done(self):
+        pass
 
 
 def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None = None,
@@ -202,8 +195,6 @@ def _build(data_cfg: DataConfig, tok_dir: str, split: str, key: str, data_dir: P
            verbose: bool) -> None:
     """Writes the split through TFDS, which works in a temporary directory and renames it when complete: an
     exception anywhere (the drop check included) leaves no dataset behind, and nothing else is deleted."""
-    import tensorflow_datasets as tfds
-
     tfds.display_progress_bar(verbose)
     tokenizer = formatting.load_tokenizer(tok_dir)
     rows, taken = sources.mix(mixer_of(data_cfg, split), data_cfg.seed, split_fraction(data_cfg, split))
@@ -249,8 +240,7 @@ def _build(data_cfg: DataConfig, tok_dir: str, split: str, key: str, data_dir: P
                          "source_stats": [s.to_json() for s in stats], "settings": settings,
                          "dropped": dict(dropped), "lengths": lengths, **totals}
 
-    builder = _builder_class()(split=split, examples=examples(), data_dir=str(data_dir),
-                               file_format="array_record")
+    builder = SftExamples(split=split, examples=examples(), data_dir=str(data_dir), file_format="array_record")
     try:
         builder.download_and_prepare(download_dir=str(cache_dir / "tfds_downloads"))
     except OSError:

@@ -72,7 +72,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 def add_eval_commands(subparsers):
     """Registers `eval` and `generate` on an argparse subparsers object (each sets `func`)."""
-    from mft_jax.evaluate.commands import add_eval_commands as add
+    from mft_jax.evaluate.commands import add_eval_commands as add  # local: commands imports this package (cycle)
 
     return add(subparsers)
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from mft_jax.config import ConfigError, LlamaConfig
+from mft_jax.generate import generate_text
 
 OLMES_MAX_LENGTH = 2048  # olmes's model max_length: prompt + new tokens fit in it
 
@@ -64,8 +65,6 @@ class EvalModel:
                  max_new_tokens: int | None = None, add_bos: bool = False) -> list[str]:
         """Greedy continuations of text prompts (no BOS unless `add_bos`), cut before the first stop string.
         max_new_tokens: this call's limit (default: the model's `max_new_tokens`)."""
-        from mft_jax.generate import generate_text
-
         if self.tokenizer is None:
             raise EvalError("this task generates text and needs a tokenizer; the model directory has none "
                             "(pass --tokenizer DIR)")

@@ -14,20 +14,23 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mft_jax.evaluate.base import EvalError
+import jax
+import jax.numpy as jnp
+
+from mft_jax import config as config_lib
+from mft_jax import evaluate as ev
+from mft_jax import export
+from mft_jax.data import load_tokenizer
+from mft_jax.evaluate.base import EvalError, EvalModel
+from mft_jax.generate import generate_text
 
 
 def load_model(spec: str):
     """(LlamaConfig, params, tokenizer_dir) for a HF directory or RUN_DIR[:STEP]."""
-    from mft_jax.export import load_model as export_load_model
-
-    return export_load_model(spec)
+    return export.load_model(spec)
 
 
 def _compute_dtype(name: str | None):
-    import jax
-    import jax.numpy as jnp
-
     if name is None:  # bf16 on accelerators (as training computes), fp32 on CPU where bf16 is slow
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
@@ -35,13 +38,9 @@ def _compute_dtype(name: str | None):
 
 def eval_model(args, tokenizer_needed: bool = True):
     """The EvalModel of --model with the decode options of `args` (eval, generate and `mft-jax sweep`)."""
-    from mft_jax.evaluate.base import EvalModel
-
     cfg, params, tokenizer_dir = load_model(args.model)
     tokenizer = None
     if tokenizer_needed:
-        from mft_jax.data import load_tokenizer
-
         if not (args.tokenizer or tokenizer_dir):
             raise EvalError(f"--model {args.model!r} comes with no tokenizer files; pass --tokenizer DIR")
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
@@ -51,8 +50,6 @@ def eval_model(args, tokenizer_needed: bool = True):
 
 
 def _loss_data_config(args):
-    from mft_jax import config as config_lib
-
     if args.loss_data:
         data_cfg = config_lib.DataConfig(dev={source: None for source in args.loss_data.split(",")},
                                          template=args.template, max_seq_length=args.max_seq_length,
@@ -68,8 +65,6 @@ def _loss_data_config(args):
 
 def make_tasks(args) -> list:
     """The tasks of --tasks with their data read (first --limit examples): every input error surfaces here."""
-    from mft_jax import evaluate as ev
-
     if args.limit is not None and args.limit <= 0:
         raise ev.EvalError(f"--limit must be > 0, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
@@ -96,8 +91,6 @@ def make_tasks(args) -> list:
 
 def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
     """The tasks of `args` (as `eval` reads them) on `model` (a HF directory or RUN[:STEP]): {task: metrics}."""
-    from mft_jax import evaluate as ev
-
     args = argparse.Namespace(**{**vars(args), "model": model})
     tasks = make_tasks(args)
     loaded = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
@@ -105,8 +98,6 @@ def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
 
 
 def cmd_eval(args) -> dict:
-    from mft_jax import evaluate as ev
-
     tasks = make_tasks(args)  # bad task names and missing data fail before the model loads
     model = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
     samples_dir = None
@@ -127,8 +118,6 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_generate(args) -> list[str]:
-    from mft_jax.generate import generate_text
-
     model = eval_model(args)
     outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt, add_bos=args.bos,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -149,9 +138,7 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int | None, batc
 
 def add_eval_commands(subparsers):
     """Registers `eval` and `generate`; each parser sets `func` (call `args.func(args)`)."""
-    from mft_jax.config import EvalConfig
-
-    defaults = EvalConfig()
+    defaults = config_lib.EvalConfig()
     p = subparsers.add_parser("eval", help="benchmarks as olmes runs them: loss, gsm8k, humaneval, humanevalplus, "
                                            "ifeval, math (greedy, plain prompts, no BOS); arith (the demo's task)")
     _add_model_args(p, defaults.max_new_tokens, defaults.batch_size,
@@ -173,9 +160,7 @@ def add_eval_commands(subparsers):
 
 def add_task_args(p: argparse.ArgumentParser, required: bool):
     """The options that choose the tasks and their data (`make_tasks` reads them); shared with `mft-jax sweep`."""
-    from mft_jax.config import EvalConfig
-
-    p.add_argument("--max-length", type=int, default=EvalConfig().max_length,
+    p.add_argument("--max-length", type=int, default=config_lib.EvalConfig().max_length,
                    help="context window: prompt + new tokens; longer prompts keep their last tokens (olmes: 2048)")
     p.add_argument("--tasks", required=required, default=None if required else "",
                    help="comma-separated: loss,gsm8k,humaneval,humanevalplus,ifeval,math,arith")

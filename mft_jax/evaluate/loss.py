@@ -18,6 +18,7 @@ import numpy as np
 from mft_jax import losses
 from mft_jax import model as model_lib
 from mft_jax.config import DataConfig, LlamaConfig
+from mft_jax.data import make_loader
 from mft_jax.evaluate.base import EvalModel, Task
 from mft_jax.generate import bucket
 
@@ -61,8 +62,6 @@ class Loss(Task):
         return self.limit or 0
 
     def run(self, model: EvalModel) -> dict[str, float]:
-        from mft_jax.data import make_loader
-
         tokenizer_dir = self.tokenizer_dir or self.data_cfg.tokenizer or model.tokenizer_dir
         loader = make_loader(self.data_cfg, tokenizer_dir, self.split, model.batch_size, shuffle=False,
                              num_epochs=1, process_index=0, process_count=1, drop_remainder=False,

@@ -225,7 +225,7 @@ def _time_limit(seconds: float):
 def sympy_equiv(a: str, b: str, timeout_s: float = 5.0) -> bool:
     """Minerva's equivalence: both parse as LaTeX and sympy simplifies their difference to 0 within
     `timeout_s`; a parse error, a failed subtraction or simplification, or the time limit give False."""
-    import sympy
+    import sympy  # optional: heavy (~0.5 s), MATH scoring only; check_latex_parser tells how to install it
     from sympy.parsing.latex import parse_latex
     from sympy.parsing.latex.errors import LaTeXParsingError
 
