@@ -110,7 +110,8 @@ def _square_sums(cfg: LlamaConfig, params, tokens_BxL, positions_BxL, segment_id
     return sums
 
 
-def input_norms(cfg: LlamaConfig, params, batches, paths, compute_dtype: str = "float32") -> dict[KernelPath, np.ndarray]:
+def input_norms(cfg: LlamaConfig, params, batches, paths,
+                compute_dtype: str = "float32") -> dict[KernelPath, np.ndarray]:
     """{kernel path: f32[in]}: ||X_j||_2 over every non-padding token (segment_ids > 0) of `batches`, for
     each input feature j of each masked linear layer (`paths`, e.g. `masking.masked_paths`).
 

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mft_jax import config, convert, demo, distributed, export, landscape, outputs, sweep, train
+from mft_jax import config, convert, demo, distributed, export, landscape, memplan, outputs, sweep, train
 from mft_jax.config import ConfigError
 from mft_jax.data import DataError, add_data_commands
 from mft_jax.evaluate import add_eval_commands
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     landscape.add_parser(sub)
+    memplan.add_parser(sub)
     sweep.add_parser(sub)
     add_data_commands(sub)
     add_eval_commands(sub)
@@ -211,7 +212,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         distributed.initialize()  # joins the other processes of a multi-host run before any JAX device use
-        args.func(args)
+        code = args.func(args)  # commands return None, or an exit code (plan: 1 when a plan failed)
     except SystemExit:
         raise
     except BaseException as error:
@@ -220,6 +221,8 @@ def main(argv=None):
         code, message = describe_error(error)
         sys.stdout.flush()
         print(f"mft-jax {args.command}: error: {message}", file=sys.stderr)
+        sys.exit(code)
+    if code:
         sys.exit(code)
 
 

@@ -107,7 +107,8 @@ class _Seed:
     def train_arm(self, name: str, mode: str, start: Path, optim: dict, steps: int, batch_size: int,
                   eval_every: int) -> tuple[Path, int, float, list]:
         """Trains one arm from `start`, chooses its checkpoint on dev and exports it; (hf dir, step, dev, curve)."""
-        self.log(f"[seed {self.seed}] {name}: {steps} steps from {start.parent.name}")
+        origin = start.parent.name if start.name == "hf" else start.name  # fft_best/hf -> fft_best; init
+        self.log(f"[seed {self.seed}] {name}: {steps} steps from {origin}")
         wandb = self.base["log"]["wandb"]
         run = _run_config(self.base, run_dir=str(self.out / name), model={"path": str(start)}, optim=optim,
                           train={"mode": mode, "batch_size": batch_size, "max_steps": steps,

@@ -299,13 +299,14 @@ def unpack(packed) -> dict:
 
 
 def mask_stats(masks) -> dict:
-    """Kept fraction per module type (attn, mlp) and in total."""
+    """Kept fraction per module type (attn, mlp) and in total. Counts are exact int32 per matrix and summed in
+    float32 (a 70B model's masked MLP weights pass 2^31), exact while the sums stay below 2^24."""
     kept = {"attn": 0, "mlp": 0}
     total = {"attn": 0, "mlp": 0}
     for path, m in flatten(masks).items():
         kind = "attn" if is_attn(path) else "mlp"
-        kept[kind] += _count(m)
-        total[kind] += m.size
+        kept[kind] += _count(m).astype(jnp.float32)
+        total[kind] += float(m.size)
     out = {f"kept_{kind}": kept[kind] / total[kind] for kind in kept if total[kind]}
     out["kept"] = sum(kept.values()) / max(sum(total.values()), 1)
     return out

@@ -200,7 +200,8 @@ class DecoderLayer(nn.Module):
                                         name="self_attn")(
             norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + attn_out
-        mlp_out = MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")(norm(name="post_attention_layernorm")(x_BxLxD))
+        mlp = MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")
+        mlp_out = mlp(norm(name="post_attention_layernorm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ("batch", "length", "act_embed"))
         return x_BxLxD, new_cache
 
