@@ -212,7 +212,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         distributed.initialize()  # joins the other processes of a multi-host run before any JAX device use
-        code = args.func(args)  # commands return None, or an exit code (plan: 1 when a plan failed)
+        code = args.func(args)  # an int is an exit code (plan: 1 when a plan failed); anything else is output
     except SystemExit:
         raise
     except BaseException as error:
@@ -222,7 +222,7 @@ def main(argv=None):
         sys.stdout.flush()
         print(f"mft-jax {args.command}: error: {message}", file=sys.stderr)
         sys.exit(code)
-    if code:
+    if isinstance(code, int) and not isinstance(code, bool) and code:
         sys.exit(code)
 
 
