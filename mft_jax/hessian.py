@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mft_jax import losses, model, trees
+from mft_jax import step, trees
 from mft_jax.config import LlamaConfig
 
 Tree = Any
@@ -74,13 +74,8 @@ class Curvature:
 
     def batch_sum(self, params, batch) -> jax.Array:
         """sum(w * nll) of one batch (the loss's numerator), as training computes it (attention: xla)."""
-        chunk = self.loss_chunk
-        out = model.forward(self.cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                            compute_dtype=jnp.dtype(self.compute_dtype), remat=self.remat, hidden_only=chunk > 0)
-        if chunk > 0:
-            return losses.chunked_sft_sums(out, model.lm_head_kernel(self.cfg, params), batch["targets"],
-                                           batch["loss_weights"], chunk)[0]
-        return losses.sft_sums(out, batch["targets"], batch["loss_weights"])[0]
+        return step.sft_sums(self.cfg, params, batch, compute_dtype=jnp.dtype(self.compute_dtype),
+                             remat=self.remat, loss_chunk=self.loss_chunk)[0]
 
     def _over_batches(self, per_batch, batches, init):
         def body(acc, batch):
@@ -118,16 +113,6 @@ class Curvature:
 # Probes
 # --------------------------------------------------------------------------------------------------------
 
-def _flat_index(shape, offset: int) -> jax.Array:
-    """offset + the row-major flat index of every element (int32), from iotas so each shard makes its own."""
-    index = jnp.full(shape, offset, jnp.int32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
-        stride *= shape[axis]
-    return index
-
-
 def probe(x: Tree, key: jax.Array, index, kind: str = "rademacher") -> Tree:
     """Probe number `index`, a float32 pytree like x with entries +-1.
 
@@ -141,7 +126,7 @@ def probe(x: Tree, key: jax.Array, index, kind: str = "rademacher") -> Tree:
             v = jax.random.rademacher(jax.random.fold_in(jax.random.fold_in(key, index), i), a.shape, jnp.float32)
         elif kind == "hadamard":
             sign = jax.random.rademacher(jax.random.fold_in(key, i), a.shape, jnp.float32)
-            parity = jax.lax.population_count(jnp.int32(index) & _flat_index(a.shape, offset)) & 1
+            parity = jax.lax.population_count(jnp.int32(index) & trees.flat_index(a.shape, offset)) & 1
             v = sign * (1 - 2 * parity).astype(jnp.float32)
         else:
             raise ValueError(f"probe kind {kind!r}: choose rademacher or hadamard")

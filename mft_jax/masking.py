@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mft_jax.config import LlamaConfig, MaskConfig
-from mft_jax.trees import flatten, get_path, merge, subtree, unflatten
+from mft_jax.trees import flat_index, flatten, get_path, merge, subtree, unflatten
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -114,16 +114,6 @@ def _count(x) -> jax.Array:
     return jnp.sum(x, dtype=jnp.int32)
 
 
-def _flat_index(shape) -> jax.Array:
-    """Row-major flat index of every element, built from iotas so each shard computes its own part."""
-    index = jnp.zeros(shape, jnp.int32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
-        stride *= shape[axis]
-    return index
-
-
 def _search_width() -> int:
     """Thresholds counted per pass over the scores: 1 (bisection) on CPU, where each compare costs about as much
     as reading the element, 3 on accelerators, where a pass is bound by memory and 3 compares per element are
@@ -179,7 +169,7 @@ def _topk_search(scores: list[jax.Array], keeps: list[float], width: int | None 
     if not todo:
         return _Found(masks, jnp.zeros(len(scores), jnp.int32), jnp.zeros((), jnp.int32))
     bits = [jax.lax.bitcast_convert_type(jnp.abs(scores[i].astype(jnp.float32)), jnp.int32) for i in todo]
-    index = {b.shape: _flat_index(b.shape) for b in bits}
+    index = {b.shape: flat_index(b.shape) for b in bits}
 
     def counts(predicate):  # predicate(row, bits, points [W]) -> bool [..., W]; gives counts [M, W]
         def count_fn(points):

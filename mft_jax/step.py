@@ -14,6 +14,7 @@ gradient leaves the state untouched; the loop then stops with an error.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -28,23 +29,26 @@ from mft_jax.state import StateLayout, TrainState
 LossSums = Callable[..., tuple[jax.Array, jax.Array]]  # (params, batch, rng=None) -> (sum(w * nll), sum(w))
 
 
+def sft_sums(cfg: LlamaConfig, params, batch, rng=None, *, compute_dtype=jnp.float32, attention: str = "xla",
+             remat: str = "none", loss_chunk: int = 0, forward_options: dict | None = None):
+    """(sum(w * nll), sum(w)) of one batch [B, L] through the model; with `loss_chunk`, the head and
+    cross-entropy run that many positions at a time. `rng` turns on the method's dropout (LoRA), if it has one.
+    The one SFT loss of training, dev evaluation and the landscape."""
+    out = model.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                        compute_dtype=compute_dtype, attention=attention, remat=remat, hidden_only=loss_chunk > 0,
+                        dropout_rng=rng, **(forward_options or {}))
+    if loss_chunk > 0:
+        return losses.chunked_sft_sums(out, model.lm_head_kernel(cfg, params), batch["targets"],
+                                       batch["loss_weights"], loss_chunk)
+    return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
+
+
 def make_loss(run: RunConfig, cfg: LlamaConfig, forward_options: dict) -> LossSums:
-    """(sum(w * nll), sum(w)) of one batch [B, L]; with `model.loss_chunk`, the head and cross-entropy run a
-    chunk of positions at a time. `rng` turns on the method's dropout (LoRA), if it has one."""
-    attention = attention_lib.resolve(run.model.attention, jax.default_backend(), run.data.packing)
-    chunk = run.model.loss_chunk
-    compute_dtype = jnp.dtype(run.model.compute_dtype)
-
-    def loss_sums(params, batch, rng=None):
-        out = model.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                            compute_dtype=compute_dtype, attention=attention, remat=run.model.remat,
-                            hidden_only=chunk > 0, dropout_rng=rng, **forward_options)
-        if chunk > 0:
-            return losses.chunked_sft_sums(out, model.lm_head_kernel(cfg, params), batch["targets"],
-                                           batch["loss_weights"], chunk)
-        return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
-
-    return loss_sums
+    """`sft_sums` with the run's model settings: (params, batch, rng=None) -> (sum(w * nll), sum(w))."""
+    return functools.partial(sft_sums, cfg, compute_dtype=jnp.dtype(run.model.compute_dtype),
+                             attention=attention_lib.resolve(run.model.attention, jax.default_backend(),
+                                                             run.data.packing),
+                             remat=run.model.remat, loss_chunk=run.model.loss_chunk, forward_options=forward_options)
 
 
 def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int):

@@ -7,8 +7,20 @@ it takes the sub-tree at some paths and merges updated leaves back (`subtree`, `
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 Path = tuple[str, ...]
+
+
+def flat_index(shape, offset: int = 0) -> jax.Array:
+    """offset + the row-major flat index of every element of an array of `shape` (int32), built from iotas so
+    each shard of a sharded array computes only its own part (the mask search's tie order, Hessian probes)."""
+    index = jnp.full(shape, offset, jnp.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+        stride *= shape[axis]
+    return index
 
 
 def get_path(tree, path: Path):
