@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from mft_jax import config as config_lib
-from mft_jax import convert, demo_report, export, landscape, masking, model, outputs, train
+from mft_jax import convert, demo_report, export, landscape, masking, model, outputs, rundir, train
 from mft_jax.data import load_tokenizer, train_bpe_tokenizer
 from mft_jax.demo_task import accuracy, make_task, read_rows
 from mft_jax.evaluate.base import EvalModel
@@ -52,8 +52,7 @@ def _run_config(base: dict, **sections) -> config_lib.RunConfig:
 
 def _best_step(run_dir: Path) -> tuple[int, float, list[tuple[int, float]]]:
     """The checkpoint step with the highest dev accuracy (earliest on ties) and the dev curve."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+    curve = [(r["step"], r["dev_accuracy"]) for r in rundir.read_metrics(run_dir) if "dev_accuracy" in r]
     best = max(curve, key=lambda sc: (sc[1], -sc[0]))
     return best[0], best[1], curve
 
@@ -152,23 +151,27 @@ def run_seed(seed: int, out: Path, demo_cfg: dict, verbose: bool = True) -> dict
                           calibration_tokens=demo_cfg["baselines"]["wanda_calibration_tokens"])
         chosen[arm] = (out / arm / "hf", None, None)
 
-    results = {"seed": seed, "arms": _score_arms(s, chosen, best_dir), "curves": curves}
+    arms, lines = _score_arms(s, chosen, best_dir)
+    results = {"seed": seed, "arms": arms, "curves": curves, "landscape": lines}
     results["masked_zeros"] = {arm: r.pop("masked_zeros") for arm, r in results["arms"].items() if "masked_zeros" in r}
-    results["landscape"] = _interpolations(s, chosen, best_dir)
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def _score_arms(s: _Seed, chosen: dict, best_dir: Path) -> dict:
-    """Test accuracy and loss of every arm's chosen model (dev accuracy for the untrained ones), its
-    sharpness on dev batches, and for masked arms the exact count of the zeros they added."""
-    out, max_new = {}, s.demo_cfg["eval"]["max_new_tokens"]
+def _score_arms(s: _Seed, chosen: dict, best_dir: Path) -> tuple[dict, dict]:
+    """Per arm, its chosen model's test accuracy and loss (dev accuracy for the untrained ones), its sharpness
+    on dev batches and, for masked arms, the exact count of the zeros they added; and the dev loss along the
+    straight lines FFT-best -> MFT and FFT-best -> continued FFT (every param moved). Each model loads once."""
+    out, lines, max_new = {}, {}, s.demo_cfg["eval"]["max_new_tokens"]
     _, best_params = convert.load_hf(best_dir)
     test_data = config_lib.DataConfig(train={str(s.splits["test"]): None}, tokenizer=str(s.tok_dir),
                                       max_seq_length=s.demo_cfg["model"]["max_seq_length"],
                                       cache_dir=str(s.out / "data_cache"))
-    batches, paths = _dev_batches(s), _masked_paths(s)
+    run = _run_config(s.base)
+    land = s.demo_cfg["landscape"]
+    batches = landscape.dev_batches(run, str(s.tok_dir), land["dev_batches"], land["batch_size"])
+    paths = masking.masked_paths(s.cfg, run.mask)
     for arm, (hf_dir, step, dev) in chosen.items():
         arm_cfg, params = convert.load_hf(hf_dir)
         eval_model = EvalModel(arm_cfg, params, s.tokenizer, str(s.tok_dir), compute_dtype="float32",
@@ -179,38 +182,23 @@ def _score_arms(s: _Seed, chosen: dict, best_dir: Path) -> dict:
                     "test_loss": Loss(test_data, str(s.tok_dir), split="train").run(eval_model)["loss"]}
         out[arm].update(_sharpness(s, params, batches, paths))
         if arm in ("mft", "random_mask", "magnitude_mask", "wanda_mask"):  # masked from FFT-best: exact count
-            out[arm]["masked_zeros"] = _masked_zero_fraction(best_params, params, s.demo_cfg["mask"], s.cfg)
-    return out
+            out[arm]["masked_zeros"] = _masked_zero_fraction(best_params, params, paths, run.mask)
+        if arm in ("mft", "continued_fft"):
+            alphas = np.linspace(0.0, 1.0, land["points"]).tolist()
+            lines[arm] = landscape.interpolate(s.cfg, best_params, params, batches, points=alphas)
+    return out, lines
 
 
-def _masked_zero_fraction(base_params, params, mask_cfg: dict, cfg) -> dict:
+def _masked_zero_fraction(base_params, params, paths, mask_cfg: config_lib.MaskConfig) -> dict:
     """Zeros the arm added in the masked matrices, against int((1 - keep) * n) per matrix (local top-k)."""
-    mc = config_lib.MaskConfig(masked_layers=mask_cfg["masked_layers"], keep_attn=mask_cfg["keep"],
-                               keep_mlp=mask_cfg["keep"])
     new_zeros = expected = exact = 0
-    paths = masking.masked_paths(cfg, mc)
     for path in paths:
         w = np.asarray(get_path(base_params, path))
         added = int((np.asarray(get_path(params, path)) == 0).sum() - (w == 0).sum())
-        target = int((1 - mask_cfg["keep"]) * w.size)
+        target = w.size - masking.num_kept(w.size, masking.keep_fraction(path, mask_cfg))
         new_zeros, expected, exact = new_zeros + added, expected + target, exact + (added == target)
     return {"new_zeros": new_zeros, "expected_local_topk": expected, "matrices_exact": exact,
             "matrices": len(paths)}
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loss landscape
-# --------------------------------------------------------------------------------------------------------
-
-def _masked_paths(s: _Seed) -> list:
-    mask = s.demo_cfg["mask"]
-    return masking.masked_paths(s.cfg, config_lib.MaskConfig(masked_layers=mask["masked_layers"]))
-
-
-def _dev_batches(s: _Seed) -> list[dict]:
-    """The first `landscape.dev_batches` batches of the dev split, in file order."""
-    cfg = s.demo_cfg["landscape"]
-    return landscape.dev_batches(_run_config(s.base), str(s.tok_dir), cfg["dev_batches"], cfg["batch_size"])
 
 
 def _sharpness(s: _Seed, params, batches, paths) -> dict:
@@ -220,18 +208,6 @@ def _sharpness(s: _Seed, params, batches, paths) -> dict:
                                 probes=cfg["probes"], key=jax.random.key(s.seed))
     return {"top_eigenvalue": found["top_eigenvalues"][0], "hessian_trace": found["trace"],
             "hessian_trace_stderr": found["trace_stderr"], "landscape_loss": found["loss"]}
-
-
-def _interpolations(s: _Seed, chosen: dict, best_dir: Path) -> dict:
-    """Dev loss along the straight lines FFT-best -> MFT and FFT-best -> continued FFT (every param moved)."""
-    _, best = convert.load_hf(best_dir)
-    batches = _dev_batches(s)
-    out = {}
-    for arm in ("mft", "continued_fft"):
-        _, params = convert.load_hf(chosen[arm][0])
-        alphas = np.linspace(0.0, 1.0, s.demo_cfg["landscape"]["points"]).tolist()
-        out[arm] = landscape.interpolate(s.cfg, best, params, batches, points=alphas)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------
