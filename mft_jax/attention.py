@@ -2,10 +2,11 @@
 
 - `xla`: einsums and a boolean mask; any backend, any shape, and the only one with a KV cache (decoding).
 - `cudnn`: cuDNN flash attention on GPU. Causal only: no segment ids, so no packing (one document per row).
-- `splash`: the Pallas splash attention kernel on TPU (causal + segment ids, so packing works). Off TPU it runs
-  in Pallas interpret mode: slow, for tests only.
+- `splash`: the Pallas splash attention kernel on TPU (causal + segment ids, so packing works), lowered by Mosaic.
+  `splash_interpret` is the same kernel in Pallas interpret mode, what `splash` means off TPU: slow, for tests.
 
-`resolve` turns `model.attention: auto` into one of them for a backend. Attention is causal on the row index
+`resolve` turns `model.attention` into one of them for the platform of the devices the step runs (or is compiled)
+on, never the host's: a step compiled on a CPU host for a TPU topology gets the Mosaic kernel. Attention is causal on the row index
 and stays inside a document: token i sees token j when j <= i and segment_ids[i] == segment_ids[j]. Padding
 (segment 0) therefore attends to earlier padding, the same in every implementation; its loss weight is zero.
 
@@ -24,15 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-NAMES = ("xla", "cudnn", "splash")
+NAMES = ("xla", "cudnn", "splash", "splash_interpret")
 _NEG_INF = float(np.finfo(np.float32).min)
 _SPLASH_ALIGN = 128  # the kernel's blocks must be multiples of the TPU lane count
 _SPLASH_BLOCKS = (512, 256, 128)  # largest first: the biggest that divides the (padded) length is used
 
 
 def resolve(name: str, backend: str, packing: bool) -> str:
-    """The implementation `name` stands for on `backend` ("tpu", "gpu", "cpu"): `auto` is splash on TPU,
-    cuDNN on GPU unless the batch is packed (cuDNN's kernel is causal only), XLA otherwise."""
+    """The implementation `name` stands for on `backend` ("tpu", "gpu", "cpu": the platform of the mesh's
+    devices): `auto` is splash on TPU, cuDNN on GPU unless the batch is packed (cuDNN's kernel is causal only),
+    XLA otherwise; `splash` off TPU is its interpret mode."""
+    if name == "splash" and backend != "tpu":
+        return "splash_interpret"
     if name != "auto":
         return name
     if backend == "tpu":
@@ -132,7 +136,8 @@ def splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, int
 
     Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map over the mesh axes that the logical axis rules
     give the batch (data, fsdp) and the heads (tensor): a Pallas call is opaque to XLA's partitioner.
-    interpret: None = interpret mode off TPU.
+    interpret: None = interpret mode when the host's default backend is not a TPU (`resolve` decides it from the
+    mesh's devices for the training step).
     """
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -162,7 +167,8 @@ def causal_self_attention(name: str, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment
         # whose loss weight is zero)
         return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, is_causal=True,
                                             implementation="cudnn")
-    if name == "splash":
-        return splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
+    if name in ("splash", "splash_interpret"):
+        return splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL,
+                                interpret=name == "splash_interpret")
     raise ValueError(f"attention: unknown implementation {name!r}; use one of {', '.join(NAMES)} "
                      f"(resolve 'auto' with attention.resolve first)")

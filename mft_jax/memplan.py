@@ -1,15 +1,21 @@
-"""Memory plans: the bytes per device of a training step on a given machine, before renting it.
+"""Plans: what one training step costs per device on a given machine, compiled before renting it.
 
 `plan` builds the step's inputs as abstract arrays (ShapeDtypeStructs with shardings: nothing is allocated),
-compiles the jitted train step (`mft_jax.step`) for the plan's mesh and reads the program's memory analysis:
-arguments (params, state, batch), outputs, the donated state aliased into them, and temporaries (activations
-kept for the backward pass, gradient accumulators, transients); beside it, each input's shard per device.
+compiles the jitted train step (`mft_jax.step`) for the plan's mesh with the target's own compiler, and reads:
+- memory: the program's memory analysis (arguments, outputs, the donated state aliased into them, temporaries)
+  and each input's shard per device;
+- work: flops and HBM bytes of one optimizer step and every collective (dtype, shape, count, bytes sent), read
+  from the optimized HLO with the micro-batch loop's trip count (`mft_jax.hlo`), next to XLA's cost_analysis
+  where the backend gives one (it counts a loop body once); the attention kernels actually compiled;
+- the necessary flops of the method's step (`necessary_flops`) and a roofline: step time and tokens/s per device
+  from the device's peak flops, HBM and interconnect bandwidth (`mft_jax.targets`).
 
-Compilers: TPU plans use the TPU compiler when libtpu is installed (ahead of time for a topology: no TPU needed;
-the real splash kernel). Otherwise, and for GPU plans, the CPU compiler stands in (CPU_STAND_IN_FLAGS, f16 for
-bf16) with splash in Pallas interpret mode for flash attention: an estimate (launch/README.md compares the two).
-`mft-jax plan` runs each plan in a fresh process (`python -m mft_jax.memplan --worker SPEC`) whose XLA_FLAGS hold
---xla_force_host_platform_device_count=N for the plan's N devices; each compile's peak RSS is measured alone.
+Compilers (`--compiler auto`): the target's real compiler, ahead of time with no device present (`targets`):
+libtpu for TPU topologies (splash attention lowered by Mosaic), the CUDA plugin for NVIDIA targets (cuDNN flash
+attention). Installed by `launch/install.sh --plan`. Only where it is missing does a stand-in compile the plan,
+and the plan says so: the CPU compiler (CPU_STAND_IN_FLAGS, f16 for bf16, splash in Pallas interpret mode for
+the target's flash attention), or `--compiler tpu` for a GPU target. `mft-jax plan` runs each plan in a fresh
+process (`python -m mft_jax.memplan --worker SPEC`) whose environment finds the compilers.
 
     mft-jax plan --config configs/llama31-8b-math-mft.yaml --model llama3.1-8b --hardware 1xH100-80GB v5p-8
 """
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,44 +33,23 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from unittest import mock
 
 import jax
 import numpy as np
 
 from mft_jax import attention as attention_lib
 from mft_jax import config as config_lib
-from mft_jax import model, optim, sharding, step as step_lib
+from mft_jax import hlo, model, optim, sharding, step as step_lib, targets
 from mft_jax.config import ConfigError, LlamaConfig
 from mft_jax.state import StateLayout
 
 GiB = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    devices: int  # JAX devices (a v5p chip is one device: its two TensorCores run as one megacore)
-    memory_bytes: int  # per device
-    platform: str  # gpu | tpu
-    topology: str  # the TPU topology whose devices a TPU-compiled plan uses (for a GPU: a stand-in)
-
-
-# H100 SXM 80 GB: 81,559 MiB as nvidia-smi reports memory.total (bench/gpu_check.sh caps an H200 at the same).
-H100_80GB_BYTES = 81559 * 2**20
-# TPU v5p: 95 GiB HBM per chip, 4 chips per host; v5p-N counts TensorCores, 2 per chip, so v5p-8 = 4 chips
-# (topology 2x2x1). Source: cloud.google.com/tpu/docs/v5p (specifications and topology tables); JAX's
-# pallas.tpu.ChipVersion table lists v5p with 2 TensorCores per chip and megacore, i.e. one JAX device per chip.
-V5P_CHIP_BYTES = 95 * GiB
 # JAX on GPU preallocates 75% of the memory (XLA_PYTHON_CLIENT_MEM_FRACTION); plans above it need that raised.
 GPU_DEFAULT_POOL_FRACTION = 0.75
-
-HARDWARE = {
-    "1xH100-80GB": Hardware(1, H100_80GB_BYTES, "gpu", "v5p:2x2x1"),  # topologies for --compiler tpu
-    "8xH100": Hardware(8, H100_80GB_BYTES, "gpu", "v5p:2x2x2"),
-    "v5p-8": Hardware(4, V5P_CHIP_BYTES, "tpu", "v5p:2x2x1"),
-    "v5p-32": Hardware(16, V5P_CHIP_BYTES, "tpu", "v5p:2x2x4"),
-    "v5p-128": Hardware(64, V5P_CHIP_BYTES, "tpu", "v5p:4x4x4"),
-}
+# The hardware `mft-jax plan` plans by default.
+DEFAULT_HARDWARE = ["1xH100-80GB", "v5p-8"]
 
 # Architectures by name, for plans without the checkpoint at hand (Hugging Face config.json values; rope scaling
 # is left out: it changes no shape).
@@ -124,13 +108,17 @@ def analytic_bytes(params, state, batch) -> dict[str, int]:
                                    for x in jax.tree.leaves(state.trainable))}
 
 
-def _mesh(mesh_shape, compiler: str, num_devices: int, topology: str | None):
+def compile_devices(target: targets.Target, compiler: str) -> list:
+    """Devices to compile for: the target's own (compiler "real"), the host's CPU devices (the CPU stand-in) or a
+    v5p topology with as many devices (the TPU compiler standing in for a GPU target)."""
+    if compiler == "real":
+        return targets.compile_devices(target)
     if compiler == "tpu":
-        from jax.experimental import topologies
+        return targets.compile_devices(targets.get(f"v5p-{max(8, 2 * target.devices)}"))
+    return jax.devices("cpu")
 
-        devices = topologies.get_topology_desc(topology_name=topology or "v5p:2x2x1", platform="tpu").devices
-    else:
-        devices = jax.devices("cpu")
+
+def _mesh(mesh_shape, devices, num_devices: int):
     if len(devices) < num_devices:
         raise ConfigError(f"plan: {num_devices} devices needed, {len(devices)} present; start the process with "
                           f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} (mft-jax plan does)")
@@ -149,12 +137,11 @@ def _f16_for_bf16(run, cfg: LlamaConfig):
     return run, dataclasses.replace(cfg, dtype=swap(cfg.dtype))
 
 
-def attention_for(run, target: str, compiler: str) -> tuple[str, str]:
-    """(what the target runs, what the plan compiles): cuDNN flash attention does not compile off GPU, so its
-    plans compile splash (the same saved residuals: q, k, v, out, logsumexp), in interpret mode on CPU."""
-    runs = attention_lib.resolve(run.model.attention, target, run.data.packing)
-    compiled = "splash" if runs in ("splash", "cudnn") else runs
-    return runs, compiled if compiler == "tpu" or compiled == "xla" else f"{compiled} (interpret)"
+def stand_in_attention(run, platform: str) -> str:
+    """What a stand-in compiles for the target's attention: its flash kernel (cuDNN or splash) as splash, which
+    saves the same residuals (q, k, v, out, logsumexp); XLA attention as XLA."""
+    runs = attention_lib.resolve(run.model.attention, platform, run.data.packing)
+    return "xla" if runs == "xla" else "splash"
 
 
 def largest_temporaries(hlo_text: str, top: int = 5) -> list[dict]:
@@ -180,68 +167,150 @@ def largest_temporaries(hlo_text: str, top: int = 5) -> list[dict]:
     return [{"bytes": n, "count": c, "shape": k[0], "op": k[1], "source": k[2]} for k, (n, c) in ranked]
 
 
-def _compile(run, cfg, mesh, compiler: str, out: dict):
-    """The compiled step for abstract inputs; the inputs' analytic breakdown goes to out["analytic"] first."""
+def compile_step(run, cfg, mesh, out: dict | None = None):
+    """The train step of `run` compiled from abstract inputs for `mesh` (whose devices may be compile-only ones
+    of a TPU topology or a GPU target); the inputs' analytic breakdown goes to out["analytic"] first."""
     layout, params, state, batch = abstract_inputs(run, cfg, mesh)  # outside the mesh: optax runs eager ops
-    out["analytic"] = analytic_bytes(params, state, batch)
+    if out is not None:
+        out["analytic"] = analytic_bytes(params, state, batch)
+    platform = step_lib.platform(mesh)
     with ExitStack() as stack:
         stack.enter_context(sharding.axis_rules())
-        # A TPU topology's devices cannot run the eager ops of tracing (splash builds its mask arrays): the
-        # abstract mesh gives the step its axes, and eager ops stay on the host.
-        stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if compiler == "tpu"
-                            else jax.set_mesh(mesh))
-        if compiler == "tpu":  # the real kernel: splash picks interpret mode from the (CPU) default backend
-            real = attention_lib.splash_attention
-            stack.enter_context(mock.patch.object(attention_lib, "splash_attention",
-                                                  lambda *a, **k: real(*a, **{**k, "interpret": False})))
-        loss_sums = step_lib.make_loss(run, cfg, layout.method.forward_options)
-        step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params)
+        # Compile-only devices cannot run the eager ops of tracing (splash builds its mask arrays): the abstract
+        # mesh gives the step its axes, and eager ops stay on the host.
+        stack.enter_context(jax.set_mesh(mesh) if platform == "cpu" else
+                            jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+        if platform == "gpu":
+            stack.enter_context(targets.deviceless_cudnn(mesh.devices.flat[0]))
+        loss_sums = step_lib.make_loss(run, cfg, layout)
+        step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params,
+                                          run.train.grad_reduce)
         return step_fn.lower(params, state, batch).compile()
 
 
-def plan(run_config, cfg: LlamaConfig, mesh_shape, num_devices: int, device_memory_bytes: int, remat: str, *,
-         target: str = "gpu", compiler: str = "cpu", topology: str | None = None, top: int = 5) -> dict:
-    """The memory plan of one training step (see the module docstring) on `num_devices` devices of
-    `device_memory_bytes` each, laid out as `mesh_shape` (data, fsdp, tensor), with `model.remat = remat`.
-    target: the platform the run will use (gpu | tpu), for its attention; compiler: cpu | tpu (a TPU topology
-    name, e.g. v5p:2x2x1, for the latter). total = arguments + outputs - donated (aliased) + temporaries.
-    `mft-jax plan` runs CPU plans with CPU_STAND_IN_FLAGS in XLA_FLAGS; a TPU plan over the chip's HBM does not
-    compile: it comes back with `oom` (the compiler's message) and fits = False."""
-    target_attention, compiled_attention = attention_for(run_config, target, compiler)
-    run = _with_model(run_config, remat=remat, attention=compiled_attention.split()[0])
+def memory(compiled) -> dict:
+    """The compiled program's memory analysis per device; total = arguments + outputs - aliased + temporaries."""
+    stats = compiled.memory_analysis()
+    mem = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
+           "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
+    return dict(mem, total=mem["argument"] + mem["output"] - mem["alias"] + mem["temp"])
+
+
+def _matmul_params(cfg: LlamaConfig) -> tuple[int, int, int]:
+    """(weights of one decoder layer's matmuls, of those that read the layer's normed input (q, k, v, gate, up),
+    the LM head's)."""
+    d, dh = cfg.hidden_size, cfg.head_dim
+    q, kv, o = d * dh * cfg.num_attention_heads, d * dh * cfg.num_key_value_heads, dh * cfg.num_attention_heads * d
+    mlp = d * cfg.intermediate_size
+    return q + 2 * kv + o + 3 * mlp, q + 2 * kv + 2 * mlp, d * cfg.vocab_size
+
+
+def necessary_flops(cfg: LlamaConfig, seq: int, trainable) -> dict:
+    """FLOPs per token the method's step cannot avoid (causal attention at `seq`; `trainable` is the state's
+    trainable tree, or its shapes): the forward pass; activation gradients from the head down into the first
+    decoder layer holding a trained matrix, less that layer's input gradient (q, k, v, gate, up: it only feeds
+    the frozen layers below, unless the embedding is trained); weight gradients of the trained matrices only
+    (2 per element; an embedding table's gradient is a scatter, no flops). For MFT the trained matrices are the
+    masked kernels (their scores), for FFT every matrix, for LoRA the adapters. 6N is the dense figure for
+    comparison (N: matmul weights, head included)."""
+    layer, reads_input, head = _matmul_params(cfg)
+    n_layers = cfg.num_hidden_layers
+    attn_fwd = 4 * cfg.num_attention_heads * cfg.head_dim * (seq + 1) / 2  # QK^T and PV over the causal half
+    trained, first, embedding = 0, n_layers, False
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        embedding |= "embed_tokens" in keys
+        if len(leaf.shape) < 2 or "embed_tokens" in keys:
+            continue
+        trained += math.prod(leaf.shape)
+        layer_index = next((int(k.split("_")[1]) for k in keys if re.fullmatch(r"layers_\d+", k)), n_layers)
+        first = min(first, layer_index)
+    first = 0 if embedding else first
+    above = n_layers - first
+    forward = 2 * (n_layers * layer + head) + n_layers * attn_fwd
+    activation = 2 * (above * layer + head) + above * 2 * attn_fwd - (2 * reads_input if above and not embedding
+                                                                       else 0)
+    weights = 2 * trained
+    return {"per_token": forward + activation + weights, "forward": forward, "activation_grads": activation,
+            "weight_grads": weights, "six_n": 6 * (n_layers * layer + head), "first_trained_layer": first}
+
+
+def attention_compiled(summary: hlo.Summary, attention: str) -> str:
+    """The attention the compiled program runs, read from its kernels."""
+    if any(k.startswith("__cudnn$fmha") for k in summary.custom_calls):
+        return "cudnn (__cudnn$fmhaSoftmax custom calls)"
+    if summary.attention:
+        return "splash (Mosaic tpu_custom_call)"
+    return {"splash_interpret": "splash in Pallas interpret mode (XLA ops)", "xla": "xla (einsums)"}.get(
+        attention, attention)
+
+
+def roofline(target: targets.Target, flops: float, hbm_bytes: float, link_bytes: float, tokens: int) -> dict:
+    """Step time per device bound by compute, HBM traffic and interconnect, each alone (the step takes at least
+    the largest: perfect overlap), and tokens/s per device at that time."""
+    times = {"compute_s": flops / target.peak_flops, "hbm_s": hbm_bytes / target.hbm_bytes_per_s,
+             "collective_s": link_bytes / target.link_bytes_per_s if target.devices > 1 else 0.0}
+    step = max(times.values())
+    return dict(times, step_s=step, bound=max(times, key=times.get)[:-2],
+                tokens_per_s_per_device=tokens / target.devices / step if step else None)
+
+
+def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str, remat: str, *,
+         device_memory_bytes: int | None = None, compiler: str = "real", top: int = 5) -> dict:
+    """The plan of one training step (see the module docstring) for `target` laid out as `mesh_shape` (data, fsdp,
+    tensor), with `model.remat = remat`. compiler: real (the target's), cpu or tpu (stand-ins). A plan over the
+    device memory does not compile on TPU: it comes back with `oom` (the compiler's message) and fits = False."""
+    target = targets.get(target) if isinstance(target, str) else target
+    memory_bytes = device_memory_bytes or target.memory_bytes
+    run = _with_model(run_config, remat=remat)
+    if compiler != "real":
+        run = _with_model(run, attention=stand_in_attention(run, target.platform))
     if compiler == "cpu":
         run, cfg = _f16_for_bf16(run, cfg)
+    mesh = _mesh(mesh_shape, compile_devices(target, compiler), target.devices)
+    platform = step_lib.platform(mesh)
+    attention = attention_lib.resolve(run.model.attention, platform, run.data.packing)
     micro = run.train.micro_batch_size or run.train.batch_size
-    out = {"model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
-           "mode": run.train.mode, "remat": remat, "mesh": list(mesh_shape), "devices": num_devices,
-           "seq": run.data.max_seq_length, "rows_per_micro_batch": micro,
-           "micro_batches": run.train.batch_size // micro, "loss_chunk": run.model.loss_chunk, "target": target,
-           "compiler": compiler, "attention": {"target": target_attention, "compiled": compiled_attention},
-           "device_memory": device_memory_bytes}
+    micro_batches = run.train.batch_size // micro
+    out = {"hardware": target.name, "model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                                              "vocab": cfg.vocab_size},
+           "mode": run.train.mode, "remat": remat, "mesh": list(mesh_shape), "devices": target.devices,
+           "seq": run.data.max_seq_length, "rows_per_micro_batch": micro, "micro_batches": micro_batches,
+           "loss_chunk": run.model.loss_chunk, "target": target.platform,
+           "compiler": {"tpu": "TPU (libtpu)", "gpu": "CUDA (XLA GPU)", "cpu": "CPU"}[platform],
+           "stand_in": compiler != "real", "device_kind": mesh.devices.flat[0].device_kind,
+           "attention": {"config": run_config.model.attention, "resolved": attention},
+           "device_memory": memory_bytes}
     start = time.perf_counter()
     try:
-        compiled = _compile(run, cfg, _mesh(mesh_shape, compiler, num_devices, topology), compiler, out)
+        compiled = compile_step(run, cfg, mesh, out)
     except Exception as error:  # the TPU compiler refuses a program that does not fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         return dict(out, oom=str(error).splitlines()[0][:400], fits=False, compiled=None, total=None,
                     compile_s=round(time.perf_counter() - start, 1))
-    stats = compiled.memory_analysis()
-    mem = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
-           "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
-    return dict(out, compiled=mem, **_totals(mem, device_memory_bytes),
-                largest_temporaries=largest_temporaries(compiled.as_text(), top) if top else [],
-                compile_s=round(time.perf_counter() - start, 1))
-
-
-def _totals(mem: dict, device_memory_bytes: int) -> dict:
-    total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-    return {"total": total, "fits": total <= device_memory_bytes}
+    compile_s = round(time.perf_counter() - start, 1)
+    mem = memory(compiled)
+    text = compiled.as_text()
+    summary = hlo.summarize(text)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    tokens = run.train.batch_size * run.data.max_seq_length
+    needed = necessary_flops(cfg, run.data.max_seq_length, abstract_inputs(run, cfg, mesh)[2].trainable)
+    work = dict(summary.to_dict(), attention=attention_compiled(summary, attention),
+                attention_kernels_per_micro_batch={k: v / micro_batches for k, v in summary.attention.items()},
+                cost_analysis={k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost} if cost else None,
+                necessary_flops=needed["per_token"] * tokens / target.devices)
+    return dict(out, compiled={k: mem[k] for k in ("argument", "output", "alias", "temp")}, total=mem["total"],
+                fits=mem["total"] <= memory_bytes, work=work, necessary_flops_per_token=needed,
+                roofline=roofline(target, summary.flops, summary.bytes, summary.collective_bytes, tokens),
+                largest_temporaries=largest_temporaries(text, top) if top else [], compile_s=compile_s)
 
 
 def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
     """A plan for the full depth from compiles of `layers` and 2 * `layers` decoder layers: every compiled size
-    is taken as linear in the layer count (each layer adds its weights, state and saved activations)."""
+    (memory, flops, bytes) is taken as linear in the layer count (each layer adds its weights, state, saved
+    activations and work)."""
     if not 0 < layers < cfg.num_hidden_layers:
         raise ConfigError(f"--layers {layers}: give fewer layers than the model's {cfg.num_hidden_layers}")
     small, large = (plan(run, dataclasses.replace(cfg, num_hidden_layers=n), **kwargs)
@@ -252,8 +321,15 @@ def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
     grow = lambda a, b: a + (b - a) * (cfg.num_hidden_layers - layers) // span  # noqa: E731
     mem = {k: grow(small["compiled"][k], large["compiled"][k]) for k in small["compiled"]}
     analytic = {k: grow(small["analytic"][k], large["analytic"][k]) for k in small["analytic"]}
+    total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    work = dict(large["work"], **{k: grow(small["work"][k], large["work"][k])
+                                  for k in ("flops", "bytes", "collective_bytes", "attention_flops")})
+    target = targets.get(large["hardware"])
+    tokens = large["micro_batches"] * large["rows_per_micro_batch"] * large["seq"]
     return dict(large, model={**large["model"], "layers": cfg.num_hidden_layers}, compiled=mem, analytic=analytic,
-                **_totals(mem, large["device_memory"]), extrapolated_from_layers=[layers, layers + span],
+                total=total, fits=total <= large["device_memory"], work=work,
+                roofline=roofline(target, work["flops"], work["bytes"], work["collective_bytes"], tokens),
+                extrapolated_from_layers=[layers, layers + span],
                 compile_s=round(small["compile_s"] + large["compile_s"], 1))
 
 
@@ -262,29 +338,37 @@ def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="bytes per device of a training step on given hardware, compiled from "
-                              "abstract inputs; flags plans that do not fit", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("plan", help="memory, flops, collectives and a roofline of a training step on given "
+                              "hardware, compiled ahead of time by its own compiler; flags plans that do not fit",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. data.max_seq_length=2048")
     p.add_argument("--model", choices=sorted(MODELS), help="architecture by name (default: model.path/config.json)")
-    p.add_argument("--hardware", nargs="+", default=["1xH100-80GB", "v5p-8"], choices=list(HARDWARE))
-    p.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=["none", "dots", "full"])
+    p.add_argument("--hardware", nargs="+", default=DEFAULT_HARDWARE, metavar="NAME",
+                   help=f"targets: {', '.join(targets.NAMES)} (default: {' '.join(DEFAULT_HARDWARE)})")
+    p.add_argument("--remat", nargs="+", default=None, choices=list(REMAT_CHOICES),
+                   help="remat policies to plan (default: the config's model.remat)")
     p.add_argument("--per-device-batch", type=int, default=None, metavar="ROWS",
                    help="rows per device per micro-batch: train.micro_batch_size = ROWS x the plan's data-parallel "
                         "size (default: the config's micro_batch_size, which must then suit every plan's mesh)")
     p.add_argument("--mesh", default=None, metavar="D,F,T", help="data,fsdp,tensor sizes for every plan (default: "
                    "the config's mesh where it fits the device count, else all fsdp)")
     p.add_argument("--memory-gib", type=float, default=None, help="per-device memory instead of the hardware's")
-    p.add_argument("--compiler", choices=["auto", "cpu", "tpu"], default="auto",
-                   help="auto: the TPU compiler for TPU plans when libtpu is installed, else the CPU one")
+    p.add_argument("--compiler", choices=["auto", "real", "cpu", "tpu"], default="auto",
+                   help="auto: the target's own compiler (TPU: libtpu; GPU: the CUDA plugin) when installed "
+                        "(launch/install.sh --plan), else the CPU one standing in; real: refuse stand-ins; "
+                        "cpu / tpu: that compiler standing in")
     p.add_argument("--layers", type=int, default=None, metavar="K", help="compile K and 2K decoder layers and "
                    "extrapolate to the full depth (a 70B step compiles slowly on CPU)")
     p.add_argument("--top", type=int, default=3, help="largest temporaries to list per plan")
+    p.add_argument("--collectives", type=int, default=6, help="collectives to list per plan (by bytes sent)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per plan before its worker is stopped")
     p.add_argument("--json", action="store_true", help="one JSON object per plan instead of the table")
     p.set_defaults(func=run)
     return p
+
+
+REMAT_CHOICES = ("none", "dots", "dots_attention", "full")
 
 
 def _model_config(run, name: str | None) -> LlamaConfig:
@@ -325,13 +409,17 @@ def _with_batch(run, mesh_shape, per_device: int | None):
     return dataclasses.replace(run, train=train)
 
 
-def _compiler(choice: str, hardware: Hardware) -> str:
-    """auto: the TPU compiler for TPU plans when libtpu is installed; the CPU one otherwise (GPU plans: --compiler
-    tpu compiles them with the TPU compiler instead, a bf16-native stand-in with the same flash-style attention)."""
-    if choice == "auto":
-        return "tpu" if hardware.platform == "tpu" and importlib.util.find_spec("libtpu") else "cpu"
-    if choice == "tpu" and not importlib.util.find_spec("libtpu"):
-        raise ConfigError("--compiler tpu needs libtpu (pip install libtpu, the version jax[tpu] pins)")
+def _compiler(choice: str, target: targets.Target) -> str:
+    """real | cpu | tpu for `--compiler choice`: auto takes the target's own compiler when installed and says so
+    in the plan when it falls back to the CPU one."""
+    if choice in ("auto", "real"):
+        if targets.compiler_available(target.platform):
+            return "real"
+        if choice == "real":
+            raise ConfigError(f"--compiler real: {targets.missing_compiler_message(target.platform)}")
+        return "cpu"
+    if choice == "tpu" and not targets.compiler_available("tpu"):
+        raise ConfigError(f"--compiler tpu: {targets.missing_compiler_message('tpu')}")
     return choice
 
 
@@ -346,14 +434,20 @@ def worker_main(spec_json: str) -> None:
     print("PLAN " + json.dumps(result), flush=True)
 
 
-def _run_worker(spec: dict, devices: int, timeout: float) -> dict:
-    """Runs one plan in a fresh process with `devices` host devices (and, for the CPU compiler, its stand-in
-    flags); the plan's dict, or {"error": ...}."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def worker_env(compiler: str, devices: int) -> dict:
+    """The environment of a plan's process: the planning compilers on its path (targets.compiler_env), JAX on
+    the host's CPU with `devices` devices, and for the CPU stand-in its flags."""
+    env = dict(targets.compiler_env(), TF_CPP_MIN_LOG_LEVEL="3")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    if spec["kwargs"]["compiler"] == "cpu":
+    if compiler == "cpu":
         flags += " " + CPU_STAND_IN_FLAGS
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return env
+
+
+def _run_worker(spec: dict, devices: int, timeout: float) -> dict:
+    """Runs one plan in a fresh process (`worker_env`); the plan's dict, or {"error": ...}."""
+    env = worker_env(spec["kwargs"]["compiler"], devices)
     try:
         proc = subprocess.run([sys.executable, "-m", "mft_jax.memplan", "--worker", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -371,35 +465,68 @@ def _gib(n: int | None) -> str:
     return "      -" if n is None else f"{n / GiB:7.2f}"
 
 
+def _si(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
 def _header(name: str, note: str, p: dict) -> list[str]:
     a = p.get("analytic", {})
-    stand_in = "" if p["compiler"] == p["target"] else f" standing in for the {p['target']}'s (an estimate)"
+    stand_in = (f" STANDING IN for the {p['target'].upper()}'s (its compiler is not installed: an estimate)"
+                if p["stand_in"] else "")
     extra = f"; extrapolated from {p['extrapolated_from_layers']} layers" if "extrapolated_from_layers" in p else ""
-    return [f"{name}: {p['devices']} x {p['device_memory'] / GiB:.2f} GiB, mesh (data, fsdp, tensor) {tuple(p['mesh'])}"
-            f"{' (' + note + ')' if note else ''}; {p['compiler']} compiler{stand_in}; attention "
-            f"{p['attention']['target']} (compiled: {p['attention']['compiled']}){extra}",
+    return [f"{name}: {p['devices']} x {p['device_kind']}, {p['device_memory'] / GiB:.2f} GiB, mesh (data, fsdp, "
+            f"tensor) {tuple(p['mesh'])}{' (' + note + ')' if note else ''}; {p['compiler']} compiler{stand_in}{extra}",
             f"  {p['model']['layers']} layers, {p['mode']}, seq {p['seq']}, {p['rows_per_micro_batch']} rows per "
-            f"micro-batch x {p['micro_batches']}, loss_chunk {p['loss_chunk']}",
+            f"micro-batch x {p['micro_batches']}, loss_chunk {p['loss_chunk']}; attention {p['attention']['config']}"
+            f" -> {p['attention']['resolved']}",
             "  inputs per device (GiB): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in a.items() if k != "step")
             + " (grad_accum: part of temp)",
-            "  remat   arguments  out-aliased     temp    total  fits  compile_s  rss_gib"]
+            "  remat           arguments  out-aliased     temp    total  fits  compile_s  rss_gib"]
 
 
-def format_plans(name: str, hardware: Hardware, note: str, plans: list[dict]) -> list[str]:
-    """The table of one hardware's plans (one row per remat policy), then their largest temporaries."""
+def _work_lines(p: dict, collectives: int) -> list[str]:
+    """Per plan: the compiled attention and its kernel calls, flops and bytes per device, the roofline and the
+    largest collectives."""
+    w, r, n = p["work"], p["roofline"], p["necessary_flops_per_token"]
+    kernels = ", ".join(f"{k} {v:g}" for k, v in sorted(w["attention_kernels_per_micro_batch"].items())) or "none"
+    cost = w.get("cost_analysis") or {}
+    lines = [f"  [{p['remat']}] attention compiled: {w['attention']}; kernel calls per micro-batch: {kernels}",
+             f"  [{p['remat']}] per device and optimizer step: {_si(w['flops'], 'FLOP')} (necessary "
+             f"{_si(w['necessary_flops'], 'FLOP')}: {n['per_token'] / 1e9:.2f} GFLOP/token vs 6N "
+             f"{n['six_n'] / 1e9:.2f}), HBM {_si(w['bytes'], 'B')}, sent {_si(w['collective_bytes'], 'B')}"
+             + (f"; XLA cost_analysis (loop bodies once): {_si(cost.get('flops'), 'FLOP')}, "
+                f"{_si(cost.get('bytes accessed'), 'B')}" if cost else "; no XLA cost_analysis on this backend"),
+             f"  [{p['remat']}] roofline: compute {r['compute_s']:.3f} s, HBM {r['hbm_s']:.3f} s, collectives "
+             f"{r['collective_s']:.3f} s -> step >= {r['step_s']:.3f} s ({r['bound']}-bound), "
+             f"<= {r['tokens_per_s_per_device']:,.0f} tokens/s per device"]
+    for c in w["collectives"][:collectives]:
+        lines.append(f"  [{p['remat']}]   {c['kind']} {c['dtype']}{c['shape']} over {c['group']} x{c['count']:g}: "
+                     f"{_si(c['bytes_sent'], 'B')} sent")
+    return lines
+
+
+def format_plans(name: str, note: str, plans: list[dict], collectives: int = 6) -> list[str]:
+    """The table of one hardware's plans (one row per remat policy), then their work and largest temporaries."""
     ok = [p for p in plans if "error" not in p]
     lines = _header(name, note, ok[0]) if ok else [f"{name}:"]
     for p in plans:
         if "error" in p or p.get("oom"):
-            lines.append(f"  {p['remat']:<6}  {'failed: ' + p['error'] if 'error' in p else 'NO: ' + p['oom']}")
+            lines.append(f"  {p['remat']:<14}  {'failed: ' + p['error'] if 'error' in p else 'NO: ' + p['oom']}")
             continue
         c = p["compiled"]
-        pool = hardware.platform == "gpu" and p["total"] > GPU_DEFAULT_POOL_FRACTION * p["device_memory"]
+        pool = p["target"] == "gpu" and p["total"] > GPU_DEFAULT_POOL_FRACTION * p["device_memory"]
         fits = ("yes*" if pool else "yes") if p["fits"] else "NO"
-        lines.append(f"  {p['remat']:<6} {_gib(c['argument'])}      {_gib(c['output'] - c['alias'])}  "
+        lines.append(f"  {p['remat']:<14} {_gib(c['argument'])}      {_gib(c['output'] - c['alias'])}  "
                      f"{_gib(c['temp'])}  {_gib(p['total'])}  {fits:<5} {p['compile_s']:9.1f}  "
                      f"{p['peak_rss_gib']:7.2f}")
     for p in ok:
+        if not p.get("oom"):
+            lines += _work_lines(p, collectives)
         for t in p.get("largest_temporaries", []):
             lines.append(f"  largest ({p['remat']}): {t['bytes'] / GiB:.2f} GiB {t['shape']} x{t['count']} {t['op']} "
                          f"{t['source'][-80:]}")
@@ -412,26 +539,28 @@ def run(args) -> int:
     """`mft-jax plan`: one worker per (hardware, remat); prints the table (or JSON). 1 if a plan failed."""
     run_cfg = config_lib.load(args.config, args.set or [], verbose=False)
     cfg = _model_config(run_cfg, args.model)
+    try:
+        chosen = [targets.get(name) for name in args.hardware]
+    except KeyError as error:
+        raise ConfigError(f"--hardware: {error.args[0]}") from None
     failed = False
-    for name in args.hardware:
-        hardware = HARDWARE[name]
-        memory = int(args.memory_gib * GiB) if args.memory_gib else hardware.memory_bytes
-        mesh_shape, note = mesh_for(run_cfg, hardware.devices, args.mesh)
+    for target in chosen:
+        memory_bytes = int(args.memory_gib * GiB) if args.memory_gib else target.memory_bytes
+        mesh_shape, note = mesh_for(run_cfg, target.devices, args.mesh)
         planned = _with_batch(run_cfg, mesh_shape, args.per_device_batch)
-        compiler = _compiler(args.compiler, hardware)
+        compiler = _compiler(args.compiler, target)
         plans = []
-        for remat in args.remat:
-            kwargs = dict(mesh_shape=list(mesh_shape), num_devices=hardware.devices, device_memory_bytes=memory,
-                          remat=remat, target=hardware.platform, compiler=compiler, topology=hardware.topology,
-                          top=args.top)
+        for remat in args.remat or [run_cfg.model.remat]:
+            kwargs = dict(mesh_shape=list(mesh_shape), target=target.name, device_memory_bytes=memory_bytes,
+                          remat=remat, compiler=compiler, top=args.top)
             spec = {"run": planned.to_dict(), "cfg": dataclasses.asdict(cfg), "kwargs": kwargs, "layers": args.layers}
-            result = _run_worker(spec, hardware.devices if compiler == "cpu" else 1, args.timeout)
-            plans.append(dict(result, remat=remat, hardware=name))
+            result = _run_worker(spec, target.devices if compiler == "cpu" else 1, args.timeout)
+            plans.append(dict(result, remat=remat, hardware=target.name))
             failed |= "error" in result
             if args.json:
                 print(json.dumps(plans[-1]), flush=True)
         if not args.json:
-            print("\n".join(format_plans(name, hardware, note, plans)), flush=True)
+            print("\n".join(format_plans(target.name, note, plans, args.collectives)), flush=True)
     return 1 if failed else 0
 
 

@@ -86,6 +86,28 @@ def _init(initializer, axes):
     return nn.with_logical_partitioning(initializer, axes)
 
 
+@jax.custom_vjp
+def _dot_fp32_grad(x, kernel_fp32):
+    """x @ kernel in x's (16-bit) dtype, whose kernel gradient is the fp32 output of its matmul, not the 16-bit
+    one rounded and then widened: where that gradient is summed across devices (fsdp), the sum runs in fp32."""
+    return jnp.dot(x, kernel_fp32.astype(x.dtype))
+
+
+def _dot_fp32_grad_fwd(x, kernel_fp32):
+    kernel = kernel_fp32.astype(x.dtype)
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _dot_fp32_grad_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jnp.dot(g, kernel.T)
+    dkernel = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+    return dx, dkernel
+
+
+_dot_fp32_grad.defvjp(_dot_fp32_grad_fwd, _dot_fp32_grad_bwd)
+
+
 class Dense(nn.Module):
     """y = x @ kernel (+ bias); kernel [in, out] with logical axes.
 
@@ -99,12 +121,16 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     lora: tuple[float, float] | None = None
+    fp32_weight_grads: bool = False  # an fp32 kernel's gradient comes out of its matmul in fp32 (see _dot_fp32_grad)
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.fp32_weight_grads and kernel.dtype == jnp.float32 and self.dtype != jnp.float32:
+            y = _dot_fp32_grad(x.astype(self.dtype), kernel)
+        else:
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros_init(), self.axes[1:]),
                               (self.features,), self.param_dtype)
@@ -142,13 +168,15 @@ class Attention(nn.Module):
     param_dtype: Any
     attention: str = "xla"
     lora: tuple[float, float] | None = None
+    fp32_weight_grads: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = functools.partial(Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, lora=self.lora)
+                                  param_dtype=self.param_dtype, lora=self.lora,
+                                  fp32_weight_grads=self.fp32_weight_grads)
         b, l, _ = x_BxLxD.shape
         q = dense(h * dh, ("embed", "q_heads"), name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
         k = dense(kv * dh, ("embed", "kv_heads"), name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
@@ -174,12 +202,13 @@ class MLP(nn.Module):
     dtype: Any
     param_dtype: Any
     lora: tuple[float, float] | None = None
+    fp32_weight_grads: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.cfg
         dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  lora=self.lora)
+                                  lora=self.lora, fp32_weight_grads=self.fp32_weight_grads)
         gate_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x_BxLxD)
         up_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x_BxLxD)
         return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj")(nn.silu(gate_BxLxF) * up_BxLxF)
@@ -191,24 +220,35 @@ class DecoderLayer(nn.Module):
     param_dtype: Any
     attention: str = "xla"
     lora: tuple[float, float] | None = None
+    fp32_weight_grads: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
-                                        name="self_attn")(
+                                        self.fp32_weight_grads, name="self_attn")(
             norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + attn_out
-        mlp = MLP(cfg, self.dtype, self.param_dtype, self.lora, name="mlp")
+        mlp = MLP(cfg, self.dtype, self.param_dtype, self.lora, self.fp32_weight_grads, name="mlp")
         mlp_out = mlp(norm(name="post_attention_layernorm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ("batch", "length", "act_embed"))
         return x_BxLxD, new_cache
 
 
+def _dots_and_attention_saveable(prim, *avals, **params) -> bool:
+    """`dots` plus the outputs of the attention kernel's forward call (splash: a pallas_call; cuDNN: its fused
+    attention primitive): the attention output and the softmax statistics its backward kernels take, so the
+    backward pass does not run the forward kernel again. Costs [B, L, H, Dh] + [B, H, L] per layer."""
+    if prim.name == "pallas_call" or prim.name.startswith("dot_product_attention_fwd"):
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # recomputes the attention kernel
+    "dots_attention": _dots_and_attention_saveable,
 }
 
 
@@ -219,6 +259,7 @@ class Llama(nn.Module):
     attention: str = "xla"
     remat: str = "none"
     lora: tuple[float, float] | None = None  # (scale, dropout) when the params carry LoRA adapters
+    fp32_weight_grads: bool = False  # fp32 kernels' gradients from their matmuls in fp32 (grad_reduce fp32)
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None,
@@ -245,6 +286,7 @@ class Llama(nn.Module):
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "segment_ids": cache["segment_ids"]}
             x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
+                                                 self.fp32_weight_grads,
                                                  name=f"layers_{i}")(x_BxLxD, cos, sin, segment_ids_BxL,
                                                                      q_index_BxL, layer_cache, cache_index)
             new_layers.append(new_layer_cache)
@@ -269,9 +311,9 @@ class Llama(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 def _module(cfg: LlamaConfig, compute_dtype=jnp.float32, attention="xla", remat="none", param_dtype=None,
-            lora=None):
+            lora=None, fp32_weight_grads=False):
     return Llama(cfg, dtype=_dtype(compute_dtype), param_dtype=_dtype(param_dtype or cfg.dtype),
-                 attention=attention, remat=remat, lora=lora)
+                 attention=attention, remat=remat, lora=lora, fp32_weight_grads=fp32_weight_grads)
 
 
 def _init_inputs():
@@ -305,10 +347,12 @@ def lm_head_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
     return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only", "lora"))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only", "lora",
+                                             "fp32_weight_grads"))
 def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_ids=None, *,
             compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none",
-            hidden_only: bool = False, lora: tuple[float, float] | None = None, dropout_rng=None) -> jax.Array:
+            hidden_only: bool = False, lora: tuple[float, float] | None = None, fp32_weight_grads: bool = False,
+            dropout_rng=None) -> jax.Array:
     """Logits [B, L, V] in float32 for int tokens [B, L].
 
     positions [B, L]: position of each token in its document (default 0..L-1).
@@ -316,6 +360,7 @@ def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_id
     compute_dtype: float32 or bfloat16 for activations and matmuls (norm statistics and softmax stay fp32).
     hidden_only: return the final normed hidden states [B, L, D] (compute dtype) instead of the logits.
     lora: (scale, dropout) for params carrying LoRA adapters; dropout_rng turns the adapters' dropout on.
+    fp32_weight_grads: fp32 kernels (a method's fp32 view) get their gradients from their matmuls in fp32.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
@@ -323,7 +368,7 @@ def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_id
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    out, _ = _module(cfg, compute_dtype, attention, remat, lora=lora).apply(
+    out, _ = _module(cfg, compute_dtype, attention, remat, lora=lora, fp32_weight_grads=fp32_weight_grads).apply(
         {"params": params}, tokens, positions, segment_ids, hidden_only=hidden_only, rngs=rngs)
     return out
 

@@ -36,6 +36,7 @@ RESULT_NEUTRAL_KEYS = (
     "run_dir",
     "train.log_every", "train.eval_every",
     "train.micro_batch_size",  # gradient accumulation: the same batch in more pieces (a memory knob)
+    "train.grad_reduce",  # where the data-parallel gradient sum happens: the same sum in another order
     "ckpt.",
     "mesh.",
     "eval.",

@@ -43,39 +43,65 @@ def sft_sums(cfg: LlamaConfig, params, batch, rng=None, *, compute_dtype=jnp.flo
     return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
 
 
-def make_loss(run: RunConfig, cfg: LlamaConfig, forward_options: dict) -> LossSums:
-    """`sft_sums` with the run's model settings: (params, batch, rng=None) -> (sum(w * nll), sum(w))."""
+def platform(mesh) -> str:
+    """The platform of a mesh's devices (tpu, gpu, cpu): the target a step is compiled for, which is not the
+    host's backend when compiling ahead of time for a TPU topology or a GPU target."""
+    return mesh.devices.flat[0].platform
+
+
+def make_loss(run: RunConfig, cfg: LlamaConfig, layout: StateLayout) -> LossSums:
+    """`sft_sums` with the run's model settings for the layout's method and mesh: (params, batch, rng=None) ->
+    (sum(w * nll), sum(w)). `model.attention` is resolved for the platform of the mesh's devices."""
     return functools.partial(sft_sums, cfg, compute_dtype=jnp.dtype(run.model.compute_dtype),
-                             attention=attention_lib.resolve(run.model.attention, jax.default_backend(),
+                             attention=attention_lib.resolve(run.model.attention, platform(layout.mesh),
                                                              run.data.packing),
-                             remat=run.model.remat, loss_chunk=run.model.loss_chunk, forward_options=forward_options)
+                             remat=run.model.remat, loss_chunk=run.model.loss_chunk,
+                             forward_options=dict(layout.method.forward_options, **(
+                                 {"fp32_weight_grads": True}
+                                 if run.train.grad_reduce == "fp32" else {})))
 
 
-def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int):
-    """The step (params, state, batch [M, B, L]) -> (state, metrics), not yet jitted (see `jit_train_step`)."""
+def micro_batch_grads(method, loss_sums: LossSums, params, view, batch_MxBxL, step_key):
+    """(sum over micro-batches of d sum(w * nll) / d view in fp32, sum(w * nll), sum(w), tokens): a `lax.scan`
+    over the micro-batches [M, B, L], the frozen params closed over. Where the view is sharded over fsdp, each
+    micro-batch's gradient is summed across the data-parallel devices (a reduce-scatter) in the view's dtype."""
+    def micro_loss(v, micro, rng):
+        return loss_sums(method.to_model(params, v), micro, rng)
+
+    def accumulate(carry, micro_and_index):
+        micro, index = micro_and_index
+        grad_acc, num_acc, den_acc, tok_acc = carry
+        (num, den), grad = jax.value_and_grad(micro_loss, has_aux=True)(view, micro,
+                                                                        jax.random.fold_in(step_key, index))
+        grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad)
+        tokens = jnp.sum(micro["segment_ids"] > 0, dtype=jnp.int32)
+        return (grad_acc, num_acc + num, den_acc + den, tok_acc + tokens), None
+
+    micro_batches = jax.tree.leaves(batch_MxBxL)[0].shape[0]
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), view)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (grad_sum, num, den, tokens), _ = jax.lax.scan(accumulate, init, (batch_MxBxL, jnp.arange(micro_batches)))
+    return grad_sum, num, den, tokens
+
+
+def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int,
+               grad_reduce: str = "compute"):
+    """The step (params, state, batch [M, B, L]) -> (state, metrics), not yet jitted (see `jit_train_step`).
+
+    grad_reduce: the dtype in which data-parallel devices sum each micro-batch's gradient where the trained
+    matrices are sharded over fsdp (docs/architecture.md, "Gradient reduction"): `compute` (the compute dtype,
+    bf16 in the shipped configs) or `fp32` (the view is an fp32 copy whose kernels take their gradients from
+    their matmuls in fp32: twice the bytes, no 16-bit rounding of the partial sums). On a data mesh the trained
+    matrices are whole on every device and XLA sums once per step, in fp32, either way.
+    """
     method, optimizer = layout.method, layout.optimizer
 
     def step(params, state: TrainState, batch_MxBxL):
         view = method.view(params, state.trainable, state.derived)
+        if grad_reduce == "fp32":
+            view = jax.tree.map(lambda v: v.astype(jnp.float32), view)
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout (unused without)
-
-        def micro_loss(v, micro, rng):
-            return loss_sums(method.to_model(params, v), micro, rng)
-
-        def accumulate(carry, micro_and_index):
-            micro, index = micro_and_index
-            grad_acc, num_acc, den_acc, tok_acc = carry
-            (num, den), grad = jax.value_and_grad(micro_loss, has_aux=True)(view, micro,
-                                                                            jax.random.fold_in(step_key, index))
-            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grad)
-            tokens = jnp.sum(micro["segment_ids"] > 0, dtype=jnp.int32)
-            return (grad_acc, num_acc + num, den_acc + den, tok_acc + tokens), None
-
-        micro_batches = jax.tree.leaves(batch_MxBxL)[0].shape[0]
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), view)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grad_sum, num, den, tokens), _ = jax.lax.scan(accumulate, init,
-                                                       (batch_MxBxL, jnp.arange(micro_batches)))
+        grad_sum, num, den, tokens = micro_batch_grads(method, loss_sums, params, view, batch_MxBxL, step_key)
         den = jnp.maximum(den, 1e-12)
         loss = num / den
         grads = method.grads(params, state.trainable, state.derived, jax.tree.map(lambda g: g / den, grad_sum))
@@ -95,10 +121,11 @@ def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedul
     return step
 
 
-def jit_train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int, params_shapes):
+def jit_train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int, params_shapes,
+                   grad_reduce: str = "compute"):
     """The step, jitted with the layout's shardings; the state is donated."""
     state_shardings = layout.shardings(params_shapes)
-    return jax.jit(train_step(layout, loss_sums, schedule, seed),
+    return jax.jit(train_step(layout, loss_sums, schedule, seed, grad_reduce),
                    in_shardings=(layout.param_shardings, state_shardings, sharding.batch_sharding(layout.mesh)),
                    out_shardings=(state_shardings, sharding.replicated(layout.mesh)), donate_argnums=(1,))
 

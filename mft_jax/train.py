@@ -167,9 +167,10 @@ class _Session:
 
     def loop(self, state: TrainState, start: int, max_steps_this_run: int | None, events: dict) -> dict:
         run, layout = self.run, self.layout
-        loss_sums = step_lib.make_loss(run, self.cfg, layout.method.forward_options)
+        loss_sums = step_lib.make_loss(run, self.cfg, layout)
         schedule = optim.lr_schedule(run.optim, self.steps)
-        step_fn = step_lib.jit_train_step(layout, loss_sums, schedule, run.train.seed, self.params)
+        step_fn = step_lib.jit_train_step(layout, loss_sums, schedule, run.train.seed, self.params,
+                                          run.train.grad_reduce)
         eval_fn = step_lib.jit_eval_sums(layout, loss_sums, self.params) if self.dev_loader else None
         dense_fn = jax.jit(layout.dense)
         window = _Window(layout.method.logged)

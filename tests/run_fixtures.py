@@ -73,14 +73,15 @@ class StepSetup:
     def __init__(self, run, cfg, mesh, param_shardings, total_steps):
         self.run, self.cfg, self.mesh, self.param_shardings = run, cfg, mesh, param_shardings
         self.layout = StateLayout.for_run(run, cfg, mesh, param_shardings, total_steps=total_steps)
-        self.loss = step_lib.make_loss(run, cfg, self.layout.method.forward_options)
+        self.loss = step_lib.make_loss(run, cfg, self.layout)
         self.schedule = optim.lr_schedule(run.optim, total_steps)
 
     def init_state(self, params, key):
         return self.layout.init(params, key)
 
     def jit_step(self, params):
-        return step_lib.jit_train_step(self.layout, self.loss, self.schedule, self.run.train.seed, params)
+        return step_lib.jit_train_step(self.layout, self.loss, self.schedule, self.run.train.seed, params,
+                                       self.run.train.grad_reduce)
 
 
 def global_batch(batch: dict, mesh) -> dict:

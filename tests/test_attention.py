@@ -28,7 +28,7 @@ def _assert_rel(actual, expected, rel, what):
     ("auto", "tpu", False, "splash"), ("auto", "tpu", True, "splash"),
     ("auto", "gpu", False, "cudnn"), ("auto", "gpu", True, "xla"),  # cuDNN's kernel is causal only
     ("auto", "cpu", False, "xla"), ("auto", "cpu", True, "xla"),
-    ("xla", "tpu", False, "xla"), ("splash", "cpu", True, "splash"), ("cudnn", "gpu", False, "cudnn"),
+    ("xla", "tpu", False, "xla"), ("splash", "cpu", True, "splash_interpret"), ("splash", "tpu", True, "splash"), ("cudnn", "gpu", False, "cudnn"),
 ])
 def test_resolve_by_backend(name, backend, packing, expected):
     assert attention.resolve(name, backend, packing) == expected

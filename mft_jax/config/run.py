@@ -14,7 +14,9 @@ class ModelConfig:
     dtype: str | None = None  # storage dtype of the frozen weights; None: the checkpoint's
     compute_dtype: str = "bfloat16"
     attention: str = "auto"  # auto | xla | cudnn | splash
-    remat: str = "none"  # none | full | dots: rematerialisation policy of each decoder layer
+    # none | full | dots | dots_attention: rematerialisation policy of each decoder layer (dots_attention also
+    # keeps the attention kernel's output and softmax statistics, so the backward pass does not rerun it)
+    remat: str = "none"
     # > 0: the loss computes the LM head and cross-entropy this many positions at a time, recomputing them in
     # the backward pass, so no [B, L, V] fp32 logits exist (for large vocabularies; costs one more head matmul)
     loss_chunk: int = 0
@@ -24,7 +26,7 @@ class ModelConfig:
         if self.dtype is not None:
             choice("model.dtype", self.dtype, _DTYPES)
         choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash"))
-        choice("model.remat", self.remat, ("none", "full", "dots"))
+        choice("model.remat", self.remat, ("none", "full", "dots", "dots_attention"))
         if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
             raise ConfigError(f"model.loss_chunk must be an integer >= 0 (0 = off), got {self.loss_chunk!r}")
 
@@ -180,9 +182,13 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     eval_every: int | None = None  # dev-loss evaluation period in steps; None: only at the end
+    # the dtype in which each micro-batch's gradient is summed across data-parallel devices where the trained
+    # matrices are sharded over fsdp: compute | fp32 (mft_jax.step.train_step; docs/architecture.md)
+    grad_reduce: str = "compute"
 
     def validate(self):
         choice("train.mode", self.mode, ("mft", "fft", "lora"))
+        choice("train.grad_reduce", self.grad_reduce, ("compute", "fp32"))
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be > 0, got {self.batch_size}")
         micro = self.micro_batch_size or self.batch_size
