@@ -8,6 +8,7 @@
 #   ours_8b_fit    Llama-3.1-8B shapes, 4 masked layers, seq 4096, memory capped at an H100's 80 GB
 #   ours_7b_micro4 the same step with 4 micro-batches of gradient accumulation
 #   ours_7b_dots   the same step with remat dots
+#   ours_7b_dots_attention  and with remat dots_attention (the shipped configs' default)
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (jax[cuda], torch and transformers installed)
 #        SMOKE=1 bash bench/gpu_check.sh DIR (tiny shapes on CPU: the test suite runs the script this way)
 #        BUDGET_S=480 (default): no piece starts once its limit would pass this many seconds.
@@ -62,4 +63,5 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=${fraction:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.7
   piece ours_8b_fit 200 "$py" "${step[@]}" --preset "$big8" --micro 1 --remat none --variants mft
 piece ours_7b_micro4 200 "$py" "${step[@]}" --preset "$big" --micro 4 --remat none
 piece ours_7b_dots 200 "$py" "${step[@]}" --preset "$big" --micro 1 --remat dots
+piece ours_7b_dots_attention 200 "$py" "${step[@]}" --preset "$big" --micro 1 --remat dots_attention
 echo "done in ${SECONDS}s; results: $out/results.jsonl"

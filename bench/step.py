@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import config, data, masking, model, optim, sharding, step as step_lib
+from mft_jax import config, data, masking, memplan, model, optim, sharding, step as step_lib
 from mft_jax.state import StateLayout
 from mft_jax.trees import merge, subtree
 
@@ -50,27 +50,6 @@ def peak_tflops(device_kind: str) -> float | None:
         if name.lower() in device_kind.lower():
             return peak
     return None
-
-
-def necessary_flops(cfg: config.LlamaConfig, layers: list[int], batch: int, seq: int) -> float:
-    """FLOPs an MFT step cannot avoid, per micro-batch of `batch` sequences of `seq` tokens.
-
-    Forward: every matmul (2 FLOPs per multiply-add) and causal attention (QK^T and PV over the L(L+1)/2
-    visible pairs). Backward: activation gradients from the output down to the first masked layer (1x the
-    forward of those matmuls, 2x for attention), and weight gradients of the masked kernels only (1x their
-    forward). Recomputation (remat, flash attention's backward) is not counted: it is a cost, not a need.
-    """
-    d, f, h, kv, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                       cfg.num_key_value_heads, cfg.head_dim)
-    tokens = batch * seq
-    layer_matmul = 2 * tokens * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f)
-    layer_attn = 2 * 2 * batch * h * dh * seq * (seq + 1) / 2
-    head = 2 * tokens * d * cfg.vocab_size
-    first = min(layers)
-    backward_layers = cfg.num_hidden_layers - first
-    forward = cfg.num_hidden_layers * (layer_matmul + layer_attn) + head
-    backward = backward_layers * (layer_matmul + 2 * layer_attn) + head + len(layers) * layer_matmul
-    return forward + backward
 
 
 def _time(fn, *args, iters=5):
@@ -116,7 +95,7 @@ def main():
     parser.add_argument("--dtype", default=None, help="weights and compute dtype (default: bf16 on accelerators, "
                                                       "fp32 on CPU)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_attention"])
     parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk: head + loss this many "
                                                                   "positions at a time (0 = off)")
     parser.add_argument("--iters", type=int, default=5, help="steps per timed round")
@@ -192,7 +171,9 @@ def main():
         device_peak = None
 
     n_params = model.count_params(cfg)
-    flops = necessary_flops(cfg, args.layers, args.batch, args.seq) * args.micro
+    # the step's unavoidable work (memplan.necessary_flops, per token), for every token of the step
+    per_token = memplan.necessary_flops(cfg, args.seq, layout.shapes(shapes).trainable)["per_token"]
+    flops = per_token * args.batch * args.seq * args.micro
     device_kind = jax.devices()[0].device_kind
     peak_chip = args.peak_tflops or peak_tflops(device_kind)
     for name, (seconds, peak) in results.items():

@@ -41,6 +41,7 @@ class Instr:
     op: str
     operands: list[str]
     line: str
+    is_tuple: bool = False
 
     def bytes(self, shapes=None) -> float:
         return sum(BYTES[d] * math.prod(dims) for d, dims in (self.shapes if shapes is None else shapes))
@@ -69,7 +70,7 @@ def parse(text: str) -> tuple[dict[str, list[Instr]], str]:
             continue
         operands, _ = _split_operands(m.group(4))
         shapes = [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(m.group(2))]
-        current.append(Instr(m.group(1), shapes, m.group(3), operands, line))
+        current.append(Instr(m.group(1), shapes, m.group(3), operands, line, m.group(2).startswith("(")))
     return comps, entry
 
 
@@ -225,6 +226,7 @@ class Summary:
     attention: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # forward/backward
     attention_flops: float = 0.0
     loops: list = dataclasses.field(default_factory=list)  # trip counts of the while loops met (None: unknown)
+    flops_loops_once: float = 0.0  # every loop body counted once, as XLA's cost_analysis counts
 
     def collective_rows(self) -> list[dict]:
         rows = [{"kind": k[0], "dtype": k[1], "shape": list(k[2]), "group": k[3], "count": c, "bytes_sent": b}
@@ -236,7 +238,8 @@ class Summary:
         return sum(b for _, b in self.collectives.values())
 
     def to_dict(self) -> dict:
-        return {"flops": self.flops, "bytes": self.bytes, "attention_flops": self.attention_flops,
+        return {"flops": self.flops, "flops_loops_once": self.flops_loops_once, "bytes": self.bytes,
+                "attention_flops": self.attention_flops,
                 "collective_bytes": self.collective_bytes, "collectives": self.collective_rows(),
                 "custom_calls": dict(self.custom_calls), "attention_kernels": dict(self.attention),
                 "loops": self.loops}
@@ -254,16 +257,19 @@ def summarize(text: str) -> Summary:
             out.collectives[key] = (count + times,
                                     sent + times * _ring_bytes(kind, BYTES[dtype] * math.prod(dims), group))
 
-    def visit(name: str, times: float, fused: bool):
+    def visit(name: str, times: float, fused: bool, once: float = 1.0):
         instrs = comps.get(name, [])
         table = {i.name: i for i in instrs}
         for instr in instrs:
             if instr.op in ("dot", "convolution"):
-                out.flops += times * _dot_flops(instr, table)
+                flops = _dot_flops(instr, table)
+                out.flops += times * flops
+                out.flops_loops_once += once * flops
             kernel = attention_kernel(instr)
             if kernel:
                 out.attention[kernel[0]] += times
                 out.flops += times * kernel[1]
+                out.flops_loops_once += once * kernel[1]
                 out.attention_flops += times * kernel[1]
             if instr.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', instr.line)
@@ -276,8 +282,11 @@ def summarize(text: str) -> Summary:
                 record("reduce-scatter", instr.shapes, _group_size(inner.line) if inner else 1, times)
                 callees = []
             elif base in COLLECTIVES:
-                shapes = instr.shapes[len(instr.shapes) // 2:] if instr.op.endswith("-start") else instr.shapes
-                record(base, [s for s in shapes if s[1] or len(shapes) == 1], _group_size(instr.line), times)
+                shapes = instr.shapes
+                if instr.op.endswith("-start"):  # (operands, results, scalar contexts): the results
+                    arrays = [s for s in shapes if s[1]] or shapes
+                    shapes = arrays[len(arrays) // 2:]
+                record(base, shapes, _group_size(instr.line), times)
             if not fused and instr.op not in _NO_TRAFFIC and not instr.op.endswith("-done"):
                 out.bytes += times * (instr.bytes() + sum(table[o].bytes() for o in instr.operands if o in table))
             for callee, role in callees:
@@ -286,7 +295,7 @@ def summarize(text: str) -> Summary:
                     n = trip_count(instr, comps, table)
                     out.loops.append(n)
                     n = 1 if n is None else n
-                visit(callee, times * n, fused or role == "fused")
+                visit(callee, times * n, fused or role == "fused", once)
 
     visit(entry, 1, False)
     return out
@@ -294,3 +303,22 @@ def summarize(text: str) -> Summary:
 
 def dumps(summary: Summary) -> str:
     return json.dumps(summary.to_dict())
+
+
+def largest_arrays(text: str, top: int = 5) -> list[dict]:
+    """The largest arrays the program materializes (per device), grouped by shape and source op: instructions
+    outside fused (and other `calls=`) computations, without parameters, tuples and bitcasts (views)."""
+    comps, _ = parse(text)
+    called = set(re.findall(r"\bcalls=%?([\w.\-]+)", text))
+    groups: dict[tuple, list] = {}
+    for name, instrs in comps.items():
+        for instr in instrs if name not in called else []:
+            if instr.is_tuple or len(instr.shapes) != 1 or instr.op in (
+                    "parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
+                continue
+            dtype, dims = instr.shapes[0]
+            source = re.search(r'op_name="([^"]*)"', instr.line)
+            key = (f"{dtype}{list(dims)}", instr.op, source.group(1)[-120:] if source else "")
+            groups.setdefault(key, [int(math.prod(dims) * BYTES[dtype]), 0])[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"bytes": n, "count": c, "shape": k[0], "op": k[1], "source": k[2]} for k, (n, c) in ranked]

@@ -69,8 +69,6 @@ MODELS = {
 CPU_STAND_IN_FLAGS = "--xla_disable_hlo_passes=change-op-data-type,while-loop-invariant-code-motion"
 BATCH_DTYPES = {"inputs": "int32", "targets": "int32", "loss_weights": "float32", "positions": "int32",
                 "segment_ids": "int32"}
-_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-              "s64": 8, "u64": 8, "f64": 8, "c64": 8}
 
 
 def shard_bytes(x) -> int:
@@ -142,29 +140,6 @@ def stand_in_attention(run, platform: str) -> str:
     saves the same residuals (q, k, v, out, logsumexp); XLA attention as XLA."""
     runs = attention_lib.resolve(run.model.attention, platform, run.data.packing)
     return "xla" if runs == "xla" else "splash"
-
-
-def largest_temporaries(hlo_text: str, top: int = 5) -> list[dict]:
-    """The largest arrays the optimized program materializes (per device), grouped by shape and source op:
-    instructions outside fused computations, without parameters, tuples and bitcasts (views)."""
-    fused = set(re.findall(r"\bcalls=%?([\w.\-]+)", hlo_text))
-    groups: dict[tuple, list] = {}
-    skip = False
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if head and " = " not in line:
-            skip = head.group(1) in fused
-            continue
-        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\]\S*\s+([\w\-]+)\(", line)
-        if skip or not m or m.group(1) not in _HLO_BYTES or m.group(3) in (
-                "parameter", "get-tuple-element", "tuple", "bitcast", "constant"):
-            continue
-        dims = tuple(int(d) for d in m.group(2).split(",") if d)
-        source = re.search(r'op_name="([^"]*)"', line)
-        key = (f"{m.group(1)}{list(dims)}", m.group(3), source.group(1)[-120:] if source else "")
-        groups.setdefault(key, [math.prod(dims) * _HLO_BYTES[m.group(1)], 0])[1] += 1
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"bytes": n, "count": c, "shape": k[0], "op": k[1], "source": k[2]} for k, (n, c) in ranked]
 
 
 def compile_step(run, cfg, mesh, out: dict | None = None):
@@ -256,7 +231,8 @@ def roofline(target: targets.Target, flops: float, hbm_bytes: float, link_bytes:
 
 
 def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str, remat: str, *,
-         device_memory_bytes: int | None = None, compiler: str = "real", top: int = 5) -> dict:
+         device_memory_bytes: int | None = None, compiler: str = "real", top: int = 5,
+         stand_in_reason: str = "asked for") -> dict:
     """The plan of one training step (see the module docstring) for `target` laid out as `mesh_shape` (data, fsdp,
     tensor), with `model.remat = remat`. compiler: real (the target's), cpu or tpu (stand-ins). A plan over the
     device memory does not compile on TPU: it comes back with `oom` (the compiler's message) and fits = False."""
@@ -278,7 +254,7 @@ def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str,
            "seq": run.data.max_seq_length, "rows_per_micro_batch": micro, "micro_batches": micro_batches,
            "loss_chunk": run.model.loss_chunk, "target": target.platform,
            "compiler": {"tpu": "TPU (libtpu)", "gpu": "CUDA (XLA GPU)", "cpu": "CPU"}[platform],
-           "stand_in": compiler != "real", "device_kind": mesh.devices.flat[0].device_kind,
+           "stand_in": compiler != "real" and stand_in_reason, "device_kind": mesh.devices.flat[0].device_kind,
            "attention": {"config": run_config.model.attention, "resolved": attention},
            "device_memory": memory_bytes}
     start = time.perf_counter()
@@ -304,7 +280,7 @@ def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str,
     return dict(out, compiled={k: mem[k] for k in ("argument", "output", "alias", "temp")}, total=mem["total"],
                 fits=mem["total"] <= memory_bytes, work=work, necessary_flops_per_token=needed,
                 roofline=roofline(target, summary.flops, summary.bytes, summary.collective_bytes, tokens),
-                largest_temporaries=largest_temporaries(text, top) if top else [], compile_s=compile_s)
+                largest_temporaries=hlo.largest_arrays(text, top) if top else [], compile_s=compile_s)
 
 
 def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
@@ -409,18 +385,18 @@ def _with_batch(run, mesh_shape, per_device: int | None):
     return dataclasses.replace(run, train=train)
 
 
-def _compiler(choice: str, target: targets.Target) -> str:
-    """real | cpu | tpu for `--compiler choice`: auto takes the target's own compiler when installed and says so
-    in the plan when it falls back to the CPU one."""
+def _compiler(choice: str, target: targets.Target) -> tuple[str, str]:
+    """(real | cpu | tpu, why a stand-in) for `--compiler choice`: auto takes the target's own compiler when
+    installed, else the CPU one, and the plan says why."""
     if choice in ("auto", "real"):
         if targets.compiler_available(target.platform):
-            return "real"
+            return "real", ""
         if choice == "real":
             raise ConfigError(f"--compiler real: {targets.missing_compiler_message(target.platform)}")
-        return "cpu"
+        return "cpu", targets.missing_compiler_message(target.platform)
     if choice == "tpu" and not targets.compiler_available("tpu"):
         raise ConfigError(f"--compiler tpu: {targets.missing_compiler_message('tpu')}")
-    return choice
+    return choice, f"--compiler {choice}"
 
 
 def worker_main(spec_json: str) -> None:
@@ -476,8 +452,7 @@ def _si(x: float | None, unit: str) -> str:
 
 def _header(name: str, note: str, p: dict) -> list[str]:
     a = p.get("analytic", {})
-    stand_in = (f" STANDING IN for the {p['target'].upper()}'s (its compiler is not installed: an estimate)"
-                if p["stand_in"] else "")
+    stand_in = f" STANDING IN for the {p['target'].upper()}'s ({p['stand_in']}: an estimate)" if p["stand_in"] else ""
     extra = f"; extrapolated from {p['extrapolated_from_layers']} layers" if "extrapolated_from_layers" in p else ""
     return [f"{name}: {p['devices']} x {p['device_kind']}, {p['device_memory'] / GiB:.2f} GiB, mesh (data, fsdp, "
             f"tensor) {tuple(p['mesh'])}{' (' + note + ')' if note else ''}; {p['compiler']} compiler{stand_in}{extra}",
@@ -548,11 +523,11 @@ def run(args) -> int:
         memory_bytes = int(args.memory_gib * GiB) if args.memory_gib else target.memory_bytes
         mesh_shape, note = mesh_for(run_cfg, target.devices, args.mesh)
         planned = _with_batch(run_cfg, mesh_shape, args.per_device_batch)
-        compiler = _compiler(args.compiler, target)
+        compiler, reason = _compiler(args.compiler, target)
         plans = []
         for remat in args.remat or [run_cfg.model.remat]:
             kwargs = dict(mesh_shape=list(mesh_shape), target=target.name, device_memory_bytes=memory_bytes,
-                          remat=remat, compiler=compiler, top=args.top)
+                          remat=remat, compiler=compiler, top=args.top, stand_in_reason=reason)
             spec = {"run": planned.to_dict(), "cfg": dataclasses.asdict(cfg), "kwargs": kwargs, "layers": args.layers}
             result = _run_worker(spec, target.devices if compiler == "cpu" else 1, args.timeout)
             plans.append(dict(result, remat=remat, hardware=target.name))

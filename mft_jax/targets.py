@@ -13,8 +13,8 @@ Both come from optional packages (`launch/install.sh --plan`: libtpu and the CUD
 installed beside the environment (`compilers_dir()`) so that ordinary processes never load them;
 `compiler_env()` is the environment of a process that may.
 
-Figures: vendors' data sheets (NVIDIA A100 / H100 / H200 / B200 SXM; Google Cloud TPU v4 / v5e / v5p / v6e
-system architecture pages). Memory per device for GPUs is what nvidia-smi reports as memory.total.
+Figures: vendors' data sheets (NVIDIA A100 / H100 / H200 / B200 SXM; Google Cloud TPU v5e / v5p / v6e system
+architecture pages). Memory per device for GPUs is what nvidia-smi reports as memory.total.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Gpu:
 class Target:
     name: str
     platform: str  # tpu | gpu
-    devices: int  # JAX devices (a v5p or v4 chip is one device: its two TensorCores run as one megacore)
+    devices: int  # JAX devices (a v5p chip is one device: its two TensorCores run as one megacore)
     memory_bytes: int  # per device
     peak_flops: float  # dense bf16 FLOP/s per device
     hbm_bytes_per_s: float  # per device
@@ -71,11 +71,11 @@ _GPU_MEMORY = {"A100-80GB": 81920 * MiB, "H100-80GB": H100_80GB_BYTES, "H200": 1
 # (Gpu, dense bf16 FLOP/s, HBM B/s, NVLink B/s per direction)
 _GPUS = {"A100-80GB": (_A100, 312e12, 2.039e12, 300e9), "H100-80GB": (_H100, 989e12, 3.35e12, 450e9),
          "H200": (_H200, 989e12, 4.8e12, 450e9), "B200": (_B200, 2250e12, 8.0e12, 900e9)}
-# TPU chips: (HBM bytes, dense bf16 FLOP/s, HBM B/s, ICI B/s per chip one direction, libtpu's name). v5p and v4
-# count TensorCores in the slice name (v5p-8 = 4 chips); v5e and v6e count chips.
-_TPUS = {"v4": (32 * GiB, 275e12, 1.2e12, 2400e9 / 8 / 2, "v4", 2), "v5p": (95 * GiB, 459e12, 2.765e12, 4800e9 / 8 / 2, "v5p", 2),
+# TPU chips: (HBM bytes, dense bf16 FLOP/s, HBM B/s, ICI B/s per chip one direction, libtpu's name, TensorCores
+# in the slice name per chip): v5p counts TensorCores (v5p-8 = 4 chips); v5e and v6e count chips.
+_TPUS = {"v5p": (95 * GiB, 459e12, 2.765e12, 4800e9 / 8 / 2, "v5p", 2),
          "v5e": (16 * GiB, 197e12, 819e9, 1600e9 / 8 / 2, "v5e", 1), "v6e": (32 * GiB, 918e12, 1640e9, 3584e9 / 8 / 2, "v6e", 1)}
-# chips -> libtpu topology per generation (3-D tori for v4/v5p, 2-D for v5e/v6e)
+# chips -> libtpu topology per generation (3-D torus for v5p, 2-D for v5e/v6e)
 _TOPOLOGIES_3D = {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
 _TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
@@ -84,7 +84,7 @@ def _tpu(name: str) -> Target:
     chip, count = name.split("-")
     memory, flops, hbm, ici, libtpu_name, cores_per_chip = _TPUS[chip]
     chips = int(count) // cores_per_chip
-    table = _TOPOLOGIES_3D if chip in ("v4", "v5p") else _TOPOLOGIES_2D
+    table = _TOPOLOGIES_3D if chip == "v5p" else _TOPOLOGIES_2D
     if chips not in table:
         raise KeyError(name)
     return Target(name, "tpu", chips, memory, flops, hbm, ici, f"{libtpu_name}:{table[chips]}")
@@ -101,7 +101,9 @@ def _gpu(name: str) -> Target:
     return Target(name, "gpu", int(count), _GPU_MEMORY[kind], flops, hbm, nvlink, f"1x1x{int(count)}", spec)
 
 
-NAMES = ([f"{c}-{n}" for c in ("v5p", "v4") for n in (8, 16, 32, 64, 128, 256)]
+# v4 is not offered: libtpu's compile-only v4 topology makes each TensorCore a device (8 on v4:2x2x1), while a v4
+# VM runs its chips as megacores (4 devices), so its plans would not be the program a v4 runs.
+NAMES = ([f"v5p-{n}" for n in (8, 16, 32, 64, 128, 256)]
          + [f"{c}-{n}" for c in ("v5e", "v6e") for n in (1, 4, 8, 16, 32, 64, 128, 256)]
          + [f"{n}x{k}" for k in _GPUS for n in _GPU_COUNTS])
 

@@ -28,7 +28,8 @@ def _assert_rel(actual, expected, rel, what):
     ("auto", "tpu", False, "splash"), ("auto", "tpu", True, "splash"),
     ("auto", "gpu", False, "cudnn"), ("auto", "gpu", True, "xla"),  # cuDNN's kernel is causal only
     ("auto", "cpu", False, "xla"), ("auto", "cpu", True, "xla"),
-    ("xla", "tpu", False, "xla"), ("splash", "cpu", True, "splash_interpret"), ("splash", "tpu", True, "splash"), ("cudnn", "gpu", False, "cudnn"),
+    ("xla", "tpu", False, "xla"), ("splash", "cpu", True, "splash_interpret"), ("splash", "tpu", True, "splash"),
+    ("splash", "gpu", False, "splash_interpret"), ("cudnn", "gpu", False, "cudnn"),
 ])
 def test_resolve_by_backend(name, backend, packing, expected):
     assert attention.resolve(name, backend, packing) == expected
@@ -78,7 +79,7 @@ def _compare(q, k, v, segment_ids, seed=0):
     """Splash vs XLA: outputs at every position (the masks are the same, padding rows included) and gradients."""
     weights = jax.random.normal(jax.random.key(seed + 7), q.shape)
     out_x, grads_x = _value_and_grads("xla", q, k, v, segment_ids, weights)
-    out_s, grads_s = _value_and_grads("splash", q, k, v, segment_ids, weights)
+    out_s, grads_s = _value_and_grads("splash_interpret", q, k, v, segment_ids, weights)
     _assert_rel(out_s, out_x, OUT_REL, "outputs")
     for name, a, b in zip("qkv", grads_s, grads_x):
         _assert_rel(a, b, GRAD_REL, f"d/d{name}")
@@ -163,7 +164,7 @@ def test_model_forward_with_splash_on_mesh_equals_xla(mesh):
     rows = sharding.batch_sharding(mesh, micro_batched=False)
     inputs = jax.device_put((tokens, positions, segment_ids), rows)
     with sharding.axis_rules(), jax.set_mesh(mesh):
-        (_, logits_s), grads_s = jax.jit(value_and_grads, static_argnums=1)(sharded, "splash", *inputs)
+        (_, logits_s), grads_s = jax.jit(value_and_grads, static_argnums=1)(sharded, "splash_interpret", *inputs)
     real = segment_ids > 0  # padding positions have zero weight in the loss; compared anyway below
     _assert_rel(np.asarray(logits_s)[real], np.asarray(logits_x)[real], OUT_REL, "logits")
     _assert_rel(logits_s, logits_x, OUT_REL, "logits, padding included")

@@ -3,6 +3,7 @@ resume logic runs against stand-in gcloud / srun / scontrol / mft-jax programs. 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -483,3 +484,17 @@ def test_shellcheck(script):
     result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", "-x", str(LAUNCH / script)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_install_plan_dry_run_pins_the_compilers_of_jax(env):
+    """`install.sh --plan` puts libtpu and the CUDA plugin of jax's own pins beside the environment, not in it."""
+    result = launch("install.sh", "--plan", "--dry-run", env=env)
+    cmds = commands(result)
+    target = " ".join(cmds[containing(cmds, "--target", ".venv/mft-jax-compilers")])
+    version = importlib.metadata.version("jax")
+    libtpu = next(r for r in importlib.metadata.requires("jax") if r.startswith("libtpu") and "tpu" in r)
+    pin = re.match(r"libtpu\s*\(?([^;)]*)", libtpu).group(1).strip()
+    assert f"libtpu{pin}" in target and f"jax-cuda12-plugin=={version}" in target
+    assert f"jax-cuda12-pjrt=={version}" in target and "--no-deps" in target
+    bad = launch("install.sh", "--gpu", env=env)
+    assert bad.returncode == 2 and "unknown option --gpu" in bad.stderr

@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from mft_jax import config, memplan, methods, model, sharding, targets
+from mft_jax import hlo as hlo_lib
 from mft_jax.config import ConfigError
 
 # 8 layers of small weights and 256-token rows: activations dominate, so full remat can save memory.
@@ -87,7 +88,7 @@ def test_largest_temporaries_skip_fused_computations_and_views():
         '  %d = bf16[8,128]{1,0} dot(%a, %a), metadata={op_name="jit(step)/dot_general"}',
         "  ROOT %b = f32[4096]{0} bitcast(%f)",
         "}"])
-    assert memplan.largest_temporaries(hlo) == [
+    assert hlo_lib.largest_arrays(hlo) == [
         {"bytes": 16384, "count": 1, "shape": "f32[64, 64]", "op": "fusion", "source": ""},
         {"bytes": 2048, "count": 1, "shape": "bf16[8, 128]", "op": "dot", "source": "jit(step)/dot_general"}]
 
