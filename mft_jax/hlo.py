@@ -227,6 +227,7 @@ class Summary:
     attention_flops: float = 0.0
     loops: list = dataclasses.field(default_factory=list)  # trip counts of the while loops met (None: unknown)
     flops_loops_once: float = 0.0  # every loop body counted once, as XLA's cost_analysis counts
+    bytes_loops_once: float = 0.0
 
     def collective_rows(self) -> list[dict]:
         rows = [{"kind": k[0], "dtype": k[1], "shape": list(k[2]), "group": k[3], "count": c, "bytes_sent": b}
@@ -239,6 +240,7 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {"flops": self.flops, "flops_loops_once": self.flops_loops_once, "bytes": self.bytes,
+                "bytes_loops_once": self.bytes_loops_once,
                 "attention_flops": self.attention_flops,
                 "collective_bytes": self.collective_bytes, "collectives": self.collective_rows(),
                 "custom_calls": dict(self.custom_calls), "attention_kernels": dict(self.attention),
@@ -288,7 +290,9 @@ def summarize(text: str) -> Summary:
                     shapes = arrays[len(arrays) // 2:]
                 record(base, shapes, _group_size(instr.line), times)
             if not fused and instr.op not in _NO_TRAFFIC and not instr.op.endswith("-done"):
-                out.bytes += times * (instr.bytes() + sum(table[o].bytes() for o in instr.operands if o in table))
+                traffic = instr.bytes() + sum(table[o].bytes() for o in instr.operands if o in table)
+                out.bytes += times * traffic
+                out.bytes_loops_once += once * traffic
             for callee, role in callees:
                 n = 1
                 if role == "body":

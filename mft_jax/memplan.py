@@ -253,7 +253,7 @@ def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str,
            "mode": run.train.mode, "remat": remat, "mesh": list(mesh_shape), "devices": target.devices,
            "seq": run.data.max_seq_length, "rows_per_micro_batch": micro, "micro_batches": micro_batches,
            "loss_chunk": run.model.loss_chunk, "target": target.platform,
-           "compiler": {"tpu": "TPU (libtpu)", "gpu": "CUDA (XLA GPU)", "cpu": "CPU"}[platform],
+           "compiler": targets.compiler_name(platform),
            "stand_in": compiler != "real" and stand_in_reason, "device_kind": mesh.devices.flat[0].device_kind,
            "attention": {"config": run_config.model.attention, "resolved": attention},
            "device_memory": memory_bytes}

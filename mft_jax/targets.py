@@ -20,6 +20,7 @@ architecture pages). Memory per device for GPUs is what nvidia-smi reports as me
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -146,6 +147,20 @@ def compiler_available(platform: str) -> bool:
     if platform == "tpu":
         return _installed("libtpu")
     return _installed("jax_plugins.xla_cuda12") and _installed("jax_cuda12_plugin")
+
+
+def compiler_name(platform: str) -> str:
+    """The compiler of `platform` with the package that brings it, for the plans to name."""
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+    if platform == "tpu":
+        return f"TPU (libtpu {version('libtpu')})"
+    if platform == "gpu":
+        return f"CUDA (XLA GPU, jax-cuda12-plugin {version('jax-cuda12-plugin')})"
+    return f"CPU (jaxlib {version('jaxlib')})"
 
 
 def missing_compiler_message(platform: str) -> str:

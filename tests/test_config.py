@@ -30,6 +30,10 @@ def test_overrides():
     ({"mask": {"masked_layers": [0]}, "train": {"batch_size": 6, "micro_batch_size": 4}}, "must divide"),
     ({"mask": {"masked_layers": [0]}, "mesh": {"data": -1, "fsdp": -1}}, "at most one -1"),
     ({"mask": {"masked_layers": [0]}, "model": {"loss_chunk": -8}}, r"model.loss_chunk must be an integer >= 0"),
+    ({"mask": {"masked_layers": [0]}, "model": {"remat": "attention"}},
+     r"model.remat is 'attention'; choose one of \['none', 'full', 'dots', 'dots_attention'\]"),
+    ({"mask": {"masked_layers": [0]}, "train": {"grad_reduce": "bf16"}},
+     r"train.grad_reduce is 'bf16'; choose one of \['compute', 'fp32'\]"),
 ])
 def test_bad_configs_name_the_key(raw, message):
     with pytest.raises(config.ConfigError, match=message):
