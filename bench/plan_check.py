@@ -46,10 +46,8 @@ def direct_compile(run, cfg: config.LlamaConfig, hardware: str, mesh_shape) -> d
         loss = step.make_loss(run, cfg, layout)
         fn = step.jit_train_step(layout, loss, optim.lr_schedule(run.optim, 10), 0, params, run.train.grad_reduce)
         compiled = fn.lower(params, state, batch).compile()
-    stats = compiled.memory_analysis()
-    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-             + stats.temp_size_in_bytes)
-    return dict(total=int(total), temp=int(stats.temp_size_in_bytes), device_kind=devices[0].device_kind,
+    mem = memplan.memory(compiled)
+    return dict(total=mem["total"], temp=mem["temp"], device_kind=devices[0].device_kind,
                 trained=[{"shape": list(x.shape), "dtype": str(x.dtype)}
                          for x in jax.tree.leaves(layout.shapes(shapes).trainable)],
                 **hlo.summarize(compiled.as_text()).to_dict())

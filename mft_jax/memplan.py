@@ -168,7 +168,11 @@ def memory(compiled) -> dict:
     stats = compiled.memory_analysis()
     mem = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
            "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
-    return dict(mem, total=mem["argument"] + mem["output"] - mem["alias"] + mem["temp"])
+    return dict(mem, total=_total(mem))
+
+
+def _total(mem: dict) -> int:
+    return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
 
 
 def _matmul_params(cfg: LlamaConfig) -> tuple[int, int, int]:
@@ -297,7 +301,7 @@ def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
     grow = lambda a, b: a + (b - a) * (cfg.num_hidden_layers - layers) // span  # noqa: E731
     mem = {k: grow(small["compiled"][k], large["compiled"][k]) for k in small["compiled"]}
     analytic = {k: grow(small["analytic"][k], large["analytic"][k]) for k in small["analytic"]}
-    total = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    total = _total(mem)
     work = dict(large["work"], **{k: grow(small["work"][k], large["work"][k])
                                   for k in ("flops", "bytes", "collective_bytes", "attention_flops")})
     target = targets.get(large["hardware"])
