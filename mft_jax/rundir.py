@@ -97,7 +97,22 @@ def check_config_change(saved: dict, new: dict, extend: bool) -> tuple[dict, dic
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in steps.items())
         raise RunDirError(f"the run's length changed ({listed}); to continue this run to the new length pass "
                           f"--extend (it also stretches the learning-rate schedule), or use a new run_dir")
+    if steps and _shorter(saved.get("train", {}), new.get("train", {})):
+        listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in steps.items())
+        raise RunDirError(f"--extend with a shorter run ({listed}): a run cannot be shortened; give a length "
+                          f"above the saved one, or use a new run_dir")
     return {k: v for k, v in changes.items() if _neutral(k)}, steps
+
+
+def _shorter(saved_train: dict, new_train: dict) -> bool:
+    """Whether the new run length is below the saved one, where the two can be compared without the data
+    (both in steps, or both in epochs); the loop checks the remaining cases against the steps trained."""
+    old_steps, new_steps = saved_train.get("max_steps"), new_train.get("max_steps")
+    if old_steps is not None and new_steps is not None:
+        return new_steps < old_steps
+    if old_steps is None and new_steps is None:
+        return new_train.get("epochs", 0) < saved_train.get("epochs", 0)
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------

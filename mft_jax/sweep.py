@@ -92,6 +92,12 @@ def parse_grid(items: list[str], seeds: int, base_seed: int) -> list[tuple[str, 
         values = split_values(text, f"--grid {key} values")
         if len(set(values)) != len(values) or key in (k for k, _ in axes):
             raise SweepError(f"--grid {key}: a value or the key repeats; give one --grid per key, each value once")
+        sets = set(config_lib.canonical_keys(key))
+        for other, _ in axes:
+            both = sets & set(config_lib.canonical_keys(other))
+            if both:
+                raise SweepError(f"--grid {other} and --grid {key} both set {', '.join(sorted(both))}; sweep one "
+                                 f"of them (mask.keep sets keep_attn and keep_mlp together)")
         axes.append((key, values))
     if seeds < 1:
         raise SweepError(f"--seeds must be >= 1, got {seeds}")

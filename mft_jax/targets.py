@@ -137,8 +137,12 @@ def compiler_env(env: dict | None = None) -> dict:
 
 
 def _installed(module: str) -> bool:
-    if importlib.util.find_spec(module):
-        return True
+    """In this process's environment, or in the planning compilers' folder."""
+    try:
+        if importlib.util.find_spec(module):
+            return True
+    except ModuleNotFoundError:  # a dotted name whose parent package is absent
+        pass
     return os.path.isdir(os.path.join(compilers_dir(), *module.split(".")))
 
 

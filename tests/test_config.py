@@ -45,3 +45,19 @@ def test_masked_layers_checked_against_model():
     with pytest.raises(config.ConfigError, match=r"\[5\] out of range: the model has 2 decoder layers"):
         mask.check_against(config.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16,
                                               num_hidden_layers=2, num_attention_heads=2))
+
+
+def test_a_row_count_glued_to_a_file_name_is_split_back(tmp_path):
+    """`{train.jsonl:null}` (no space after the colon) is one YAML key 'train.jsonl:null': a data file and its
+    row count, not a hub dataset; hub names with colons (org/name:config:split) stay as written."""
+    local = tmp_path / "rows"
+    local.write_text("")
+    base = {"mask": {"masked_layers": [0]}}
+    for override, expected in [("data.train={train.jsonl:null}", {"train.jsonl": None}),
+                               ("data.train={a/b.parquet:12, c.json: 3}", {"a/b.parquet": 12, "c.json": 3}),
+                               (f"data.dev={{{local}:~}}", {str(local): None}),
+                               ("data.train={org/name:default:train: 5}", {"org/name:default:train": 5}),
+                               ("data.train={org/name:train}", {"org/name:train": None})]:
+        run = config.from_dict(base, [override], verbose=False)
+        assert {**run.data.train, **run.data.dev} == expected, override
+

@@ -673,6 +673,12 @@ def test_cli_build_and_inspect(tmp_path, tok_dir, capsys):
     assert "data.train per source:" in out and "data.dev per source:" in out
     assert table_cells(out, str(train)) == ["21", "21", "20", "1", "0", "empty", "1"]
 
+    # a YAML flow map typed without a space after the colon still names the local file (not a hub dataset)
+    args = parser.parse_args(["data", "build", "--config", str(tmp_path / "run.yaml"), "--set",
+                              f"data.train={{{train}:null}}"])
+    assert args.func(args) == 0
+    assert "train: 20 examples" in capsys.readouterr().out
+
     args = parser.parse_args(["data", "inspect", "--config", str(tmp_path / "run.yaml"), "--split", "dev",
                               "--set", "data.packing=true"])
     assert args.func(args) == 0

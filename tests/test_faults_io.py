@@ -109,6 +109,14 @@ def test_override_without_value(world, watch):
                 "section.key=value")
 
 
+def test_sweep_grid_keys_that_set_the_same_value(world, watch, tmp_path):
+    """mask.keep sets keep_attn and keep_mlp: sweeping it beside mask.keep_attn would leave one silently unswept."""
+    watch.check(run_cli("sweep", "--config", world["run_yaml"], "--grid", "mask.keep=0.8,0.9", "--grid",
+                        "mask.keep_attn=0.5,0.7", "--out", tmp_path / "sweep"), 2,
+                "--grid mask.keep and --grid mask.keep_attn", "mask.keep_attn")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_override_value_is_not_yaml(world, watch):
     watch.check(run_cli("train", "--config", world["run_yaml"], "--set", "mask.masked_layers=[1, 2"), 2,
                 "mask.masked_layers", "not valid YAML")

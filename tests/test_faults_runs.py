@@ -81,6 +81,14 @@ def test_more_steps_without_extend(finished, model_dir):
            before=before, after=snapshot(run.run_dir, model_dir))
 
 
+def test_extend_to_fewer_steps(finished, model_dir):
+    """A finished 5-step run asked to --extend to 2 steps: refused (it used to print "step 5/2, loss nan")."""
+    run, cfg = finished
+    before = snapshot(run.run_dir, model_dir)
+    _check(run_cli("train", "--config", cfg, "--extend", "--set", "train.max_steps=2"), 1,
+           "train.max_steps: 5 -> 2", "cannot be shortened", before=before, after=snapshot(run.run_dir, model_dir))
+
+
 def test_finished_run_again(finished, model_dir):
     run, cfg = finished
     before = snapshot(run.run_dir, model_dir)

@@ -69,6 +69,12 @@ def test_config_change_classification(model_dir, tmp_path):
     longer = changed(train={"max_steps": 9})
     with pytest.raises(rundir.RunDirError, match="--extend"):
         rundir.check_config_change(saved, longer, extend=False)
+    # ... and never shorter: in steps, or in epochs
+    in_epochs = changed(train={"max_steps": None, "epochs": 2.0})
+    for before, shorter in ((saved, changed(train={"max_steps": 2})),
+                            (in_epochs, changed(train={"max_steps": None, "epochs": 1.0}))):
+        with pytest.raises(rundir.RunDirError, match="cannot be shortened"):
+            rundir.check_config_change(before, shorter, extend=True)
     allowed, steps = rundir.check_config_change(saved, longer, extend=True)
     assert steps == {"train.max_steps": (5, 9)} and allowed == {}
     # Keys that do not change results pass and are reported.

@@ -41,6 +41,12 @@ def test_grid_values_points_and_names():
         sweep.make_points(sweep.parse_grid(["layers=[1,2],'1,2'"], seeds=1, base_seed=0))
     with pytest.raises(sweep.SweepError, match="--seeds 2 and --grid train.seed"):
         sweep.parse_grid(["train.seed=1,2"], seeds=2, base_seed=0)
+    for a, b, both in (("mask.keep", "mask.keep_mlp", "mask.keep_mlp"), ("mask.layers", "mask.masked_layers",
+                                                                        "mask.masked_layers")):
+        with pytest.raises(sweep.SweepError, match=f"--grid {a} and --grid {b} both set {both}"):
+            sweep.parse_grid([f"{a}=1,2", f"{b}=3,4"], seeds=1, base_seed=0)
+    assert [k for k, _ in sweep.parse_grid(["mask.keep_attn=0.5", "mask.keep_mlp=0.7"], 1, 0)][1:] == [
+        "mask.keep_attn", "mask.keep_mlp"]  # the two halves of mask.keep are separate keys
 
 
 def make_run_dict() -> dict:

@@ -12,10 +12,10 @@ Modules: `errors` (ConfigError), `llama` (LlamaConfig), `run` (the sections), `l
 
 from mft_jax.config.errors import ConfigError, choice
 from mft_jax.config.llama import LlamaConfig
-from mft_jax.config.loading import from_dict, load, parse_layers, read_yaml
+from mft_jax.config.loading import canonical_keys, from_dict, load, parse_layers, read_yaml
 from mft_jax.config.run import (CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, MaskConfig,
                                 MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, WandbConfig)
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LlamaConfig", "LogConfig", "LoraConfig",
            "MaskConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "WandbConfig",
-           "choice", "from_dict", "load", "parse_layers", "read_yaml"]
+           "canonical_keys", "choice", "from_dict", "load", "parse_layers", "read_yaml"]

@@ -98,6 +98,22 @@ def _coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
+def canonical_keys(key: str) -> tuple[str, ...]:
+    """The dotted RunConfig keys that the dotted `key` sets: itself, or those its alias stands for
+    (`mask.keep` -> `mask.keep_attn`, `mask.keep_mlp`)."""
+    cls, prefix, parts = RunConfig, "", key.split(".")
+    for i, part in enumerate(parts):
+        aliases = getattr(cls, "ALIASES", {})
+        if part in aliases and part not in {f.name for f in dataclasses.fields(cls)}:
+            targets = aliases[part]
+            return tuple(f"{prefix}{t}" for t in (targets if isinstance(targets, tuple) else (targets,)))
+        tp = typing.get_type_hints(cls).get(part)
+        if i == len(parts) - 1 or not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return (key,)
+        cls, prefix = tp, f"{prefix}{part}."
+    return (key,)
+
+
 def _build(cls, raw: dict, prefix: str, notes: list[str]):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")

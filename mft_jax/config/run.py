@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from mft_jax.config.errors import ConfigError, choice
@@ -79,6 +80,25 @@ class MaskConfig:
                               f"decoder layers (0..{cfg.num_hidden_layers - 1})")
 
 
+# A local data source is a file with one of these suffixes (mft_jax.data.sources).
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _unglued(source: str, rows):
+    """(source, rows) with a row count that YAML glued onto its file name put back: in a flow map written without
+    a space after the colon, `{train.jsonl:null}` is one key 'train.jsonl:null' with no value. Split only when
+    what precedes the last colon is a data file (by suffix or on disk) and what follows is null or a count."""
+    if rows is not None or ":" not in source:
+        return source, rows
+    path, _, value = source.rpartition(":")
+    if not (path.endswith(DATA_FILE_SUFFIXES) or os.path.isfile(os.path.expanduser(path))):
+        return source, rows
+    value = value.strip()
+    if value in ("", "null", "~"):
+        return path, None
+    return (path, int(value)) if value.isdigit() else (source, rows)
+
+
 @dataclass
 class DataConfig:
     """SFT data: sources, chat template, tokenization, batching (see mft_jax.data)."""
@@ -114,6 +134,7 @@ class DataConfig:
         if not (isinstance(self.max_seq_length, int) and self.max_seq_length >= 2):
             raise ConfigError(f"data.max_seq_length must be an integer >= 2, got {self.max_seq_length!r}")
         for split in ("train", "dev"):
+            setattr(self, split, dict(_unglued(source, rows) for source, rows in getattr(self, split).items()))
             for source, rows in getattr(self, split).items():
                 if rows is not None and (not isinstance(rows, int) or rows <= 0):
                     raise ConfigError(f"data.{split}[{source!r}]: rows must be a positive integer or null (all), "

@@ -31,8 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mft_jax.config import ConfigError
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+from mft_jax.config.run import DATA_FILE_SUFFIXES as LOCAL_SUFFIXES
 
 
 class DataError(ConfigError):
