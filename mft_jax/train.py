@@ -77,7 +77,15 @@ def _check_run_dir(run: RunConfig, run_dir: Path, extend: bool) -> tuple[dict, d
     except ConfigError as e:
         raise rundir.RunDirError(f"the config this run was started with cannot be read ({e}); use a new "
                                  f"run_dir") from None
+    if not _checkpointed(run_dir):  # it stopped before its first checkpoint: nothing trained is kept, so the
+        return rundir.diff_configs(saved, run.to_dict()), {}  # error's own fix applies (recorded as a change)
     return rundir.check_config_change(saved, run.to_dict(), extend)
+
+
+def _checkpointed(run_dir: Path) -> bool:
+    """Whether the run has saved a checkpoint (a step it would resume from)."""
+    ckpt_dir = run_dir / "checkpoints"
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
 # What `train` itself writes into a run directory (anything else there means the directory is not a run's).

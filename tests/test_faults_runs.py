@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from fault_harness import TRACEBACK, changes, run_cli, snapshot
-from mft_jax import config
+from mft_jax import config, rundir
 from run_fixtures import chat_rows, make_model_dir, make_run, write_jsonl
 
 
@@ -239,6 +239,34 @@ def test_source_losing_2_percent_of_rows(model_dir, tmp_path):
     # The per-source table came first.
     assert str(data) in result.stdout and "dropped" in result.stdout
     assert not Path(run.run_dir).exists() or not (Path(run.run_dir) / "checkpoints").exists()
+    # Following the error's advice in the same run directory works: no step was kept, so the config may change.
+    result = run_cli("train", "--config", cfg, "--set", "data.max_drop_fraction=0.05")
+    _check(result, 0)
+    events = [r for r in rundir.read_metrics(run.run_dir) if r.get("event") == "config_change"]
+    assert events and events[0]["changes"] == {"data.max_drop_fraction": [0.01, 0.05]}, events
+    assert yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())["data"]["max_drop_fraction"] == 0.05
+
+
+def test_a_dev_set_cut_at_max_seq_length(model_dir, tmp_path):
+    """Every dev row longer than max_seq_length: a warning naming the source and split (training goes on);
+    with data.max_truncated_fraction below that share, one error line before any training."""
+    long_rows = [{"messages": [{"role": "user", "content": "Count to eighty."},
+                               {"role": "assistant", "content": " ".join(str(i) for i in range(80))}]}] * 16
+    dev = write_jsonl(tmp_path / "long_dev.jsonl", long_rows)  # (make_run writes its own dev.jsonl)
+    run = make_run(tmp_path, model_dir, data={"dev": {str(dev): None}, "max_seq_length": 64}, train={"max_steps": 1})
+    cfg = _config_file(run, tmp_path / "run.yaml")
+    result = run_cli("train", "--config", cfg)
+    _check(result, 0)
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: data.dev"))
+    assert str(dev) in warning and "16 of 16 kept examples (100.0%) are cut at data.max_seq_length=64" in warning
+    assert not [line for line in result.stderr.splitlines() if line.startswith("warning: data.train")]
+    stopped = tmp_path / "stopped"
+    before = snapshot(model_dir, dev)
+    line = _check(run_cli("train", "--config", cfg, "--set", f"run_dir={stopped}", "--set",
+                          "data.max_truncated_fraction=0.5"), 1, str(dev), "data.max_truncated_fraction=0.5",
+                  "data.max_seq_length", before=before, after=snapshot(model_dir, dev))
+    assert "set data.max_truncated_fraction=1 to accept it" in line
+    assert not (stopped / "checkpoints").exists()
 
 
 def test_rows_in_an_unknown_schema(model_dir, tmp_path):

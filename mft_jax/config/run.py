@@ -121,6 +121,9 @@ class DataConfig:
     # Fail when a source drops more than this fraction of the rows taken from it (bad schema, no assistant
     # turn, too long for max_seq_length, ...). Not part of the cache key: checked on every build and cache hit.
     max_drop_fraction: float = 0.01
+    # Fail when more than this fraction of a source's kept examples were cut at max_seq_length (1.0: never); a
+    # source above TRUNCATION_WARNING gets a warning either way. Not part of the cache key, checked like drops.
+    max_truncated_fraction: float = 1.0
     # Train on this fraction of each data.train source (dev untouched): round(fraction * rows) rows, the first of
     # the mixer's seeded permutation, so smaller fractions are subsets of larger ones. Part of the cache key.
     fraction: float = 1.0
@@ -141,8 +144,10 @@ class DataConfig:
                                       f"got {rows!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if not (isinstance(self.max_drop_fraction, (int, float)) and 0 <= self.max_drop_fraction <= 1):
-            raise ConfigError(f"data.max_drop_fraction must be a number in [0, 1], got {self.max_drop_fraction!r}")
+        for name in ("max_drop_fraction", "max_truncated_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ConfigError(f"data.{name} must be a number in [0, 1], got {value!r}")
 
 
 @dataclass

@@ -73,6 +73,30 @@ _FIXES = {
 }
 
 
+# A source whose kept examples were cut at max_seq_length more often than this gets a warning.
+TRUNCATION_WARNING = 0.1
+
+
+def check_truncation(stats: list[SourceStats], max_truncated_fraction: float, split: str,
+                     max_seq_length: int) -> list[str]:
+    """Warnings for the sources whose kept examples were cut at max_seq_length more often than
+    TRUNCATION_WARNING; raises a one-line `DataError` for the first above `max_truncated_fraction`."""
+    warnings = []
+    for s in stats:
+        fraction = s.truncated / max(s.kept, 1)
+        what = (f"data.{split} source {s.source!r}: {s.truncated} of {s.kept} kept examples ({fraction:.1%}) are "
+                f"cut at data.max_seq_length={max_seq_length}")
+        if fraction > max_truncated_fraction:
+            needed = math.ceil(fraction * 1000) / 1000
+            raise DataError(f"{what}, more than data.max_truncated_fraction={max_truncated_fraction:g}; raise "
+                            f"data.max_seq_length or shorten the examples, or set data.max_truncated_fraction="
+                            f"{needed:g} to accept it")
+        if fraction > TRUNCATION_WARNING:
+            warnings.append(f"warning: {what}: their later turns get no loss; raise data.max_seq_length, or set "
+                            f"data.max_truncated_fraction to stop on it")
+    return warnings
+
+
 def check_drops(stats: list[SourceStats], max_drop_fraction: float, split: str = "train",
                 max_seq_length: int | None = None) -> None:
     """Raises a one-line `DataError` naming the first source that dropped more than `max_drop_fraction` of the

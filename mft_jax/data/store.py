@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,9 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
         print(info.summary())
         print(info.table())
     accounting.check_drops(info.source_stats, data_cfg.max_drop_fraction, split, data_cfg.max_seq_length)
+    for warning in accounting.check_truncation(info.source_stats, data_cfg.max_truncated_fraction, split,
+                                               data_cfg.max_seq_length):
+        print(warning, file=sys.stderr, flush=True)
     return info
 
 
