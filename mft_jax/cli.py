@@ -80,7 +80,8 @@ def _export(args):
 
 
 def _apply_masks(args):
-    out = export.apply_masks_file(args.base, args.masks, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = export.apply_masks_file(args.base, args.masks, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                  allow_other_base=args.allow_other_base)
     print(f"wrote masked Hugging Face checkpoint {out}")
 
 
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True, help="masks.safetensors written by `mft-jax export`")
     p.add_argument("--out", required=True, help="output directory (new, or an earlier output of mft-jax)")
     p.add_argument("--dtype", default=None, choices=dtypes, help="storage dtype; default: the base's")
+    p.add_argument("--allow-other-base", action="store_true", help="apply masks learned on other weights of the "
+                   "same shapes (the masks file records its base's fingerprint)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=_apply_masks)
 

@@ -10,10 +10,12 @@ dense masked model from the base checkpoint, so the file is a small shareable de
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -48,6 +50,17 @@ def save_masks(path: str | Path, masks, mask_cfg: MaskConfig, metadata: dict | N
     safetensors.numpy.save_file({name: bits for (name,), (bits, _) in packed.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def base_fingerprint(params, paths) -> str:
+    """16 hex digits identifying the base weights a mask was learned on: sha256 over a strided sample (up to 4096
+    values) of each masked matrix, rounded to bf16, so that a bf16 copy of an fp32 base has the same one."""
+    digest = hashlib.sha256()
+    for path in paths:
+        flat = np.asarray(jax.device_get(_to_host(get_path(params, path)))).reshape(-1)
+        sample = flat[:: max(1, flat.size // 4096)].astype(ml_dtypes.bfloat16).astype(np.float32)
+        digest.update("/".join(path).encode() + sample.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_masks(path: str | Path) -> tuple[dict, dict]:
@@ -129,17 +142,26 @@ def check_masks_fit(masks, cfg: LlamaConfig, masks_file, base) -> None:
 
 
 def apply_masks_file(base: str | Path, masks_file: str | Path, out: str | Path, dtype=None, *,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, allow_other_base: bool = False) -> Path:
     """Rebuilds the dense masked model from a base HF checkpoint and a masks file.
 
     Everything that needs only metadata (the output path, the base's config and file headers, the masks
-    file and its fit to the base's shapes) is checked before the base weights are read."""
+    file and its fit to the base's shapes) is checked before the base weights are read. Masks learned on other
+    weights of the same shapes (their file records the base's fingerprint) are refused unless
+    `allow_other_base`."""
     outputs.check_target(out, inputs=[base, masks_file], overwrite=overwrite)
     cfg = convert.load_config(base)
     convert.tensor_index(base)  # validates every safetensors header against its file
-    masks, _ = load_masks(masks_file)
+    masks, meta = load_masks(masks_file)
     check_masks_fit(masks, cfg, masks_file, base)
     cfg, params = convert.load_hf(base, dtype=dtype)
+    learned_on = meta.get("base_fingerprint")
+    found = base_fingerprint(params, list(flatten(masks)))
+    if learned_on and found != learned_on and not allow_other_base:
+        raise convert.CheckpointError(
+            f"{masks_file} was learned on other weights (base {meta.get('base_model', '?')}, fingerprint "
+            f"{learned_on}) than {base} (fingerprint {found}); give the base the masks were trained on, or pass "
+            f"--allow-other-base to apply them anyway")
     return convert.save_hf(cfg, masking.apply_masks(params, masks), out, tokenizer_dir=_tokenizer_dir(base),
                            overwrite=overwrite, inputs=[base, masks_file], command="apply-masks")
 
@@ -255,6 +277,9 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
         masks = layout.method.masks(state.derived)
         effective = layout.dense(params, state)
     meta["base_model"] = str(Path(run.model.path).absolute())
+    if masks is not None:  # what the masks were learned on: the base weights and the run's config
+        meta["base_fingerprint"] = base_fingerprint(params, list(flatten(masks)))
+        meta["run_config"] = json.dumps(run.to_dict())
     result = {"hf": str(out / "hf"), **meta}
     masks, effective = _to_host(masks), _to_host(effective)
     if masks is not None:

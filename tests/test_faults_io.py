@@ -28,6 +28,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     model = make_model_dir(root / "model")  # 4 layers, hidden 32
     other = make_model_dir(root / "other", num_layers=2, hidden=48)
+    twin = make_model_dir(root / "twin", seed=1)  # the model's shapes, other weights
     run = make_run(root / "r", model)
     run_yaml = root / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(run.to_dict()))
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
     assert made.code == 0, made.stderr
     made = run_cli("convert", "--from-hf", model, "--out", root / "orbax")
     assert made.code == 0, made.stderr
-    return {"root": root, "model": model, "other": other, "run_yaml": run_yaml, "run_dir": run_dir,
+    return {"root": root, "model": model, "other": other, "twin": twin, "run_yaml": run_yaml, "run_dir": run_dir,
             "masks": root / "baseline" / "masks.safetensors", "orbax": root / "orbax"}
 
 
@@ -221,6 +222,20 @@ def test_apply_masks_onto_a_model_of_other_shapes(world, watch, tmp_path):
     assert "of its 14 masks, 7 for matrices the base model does not have (first: model.layers.2." in line
     assert "7 with other shapes (first: model.layers.1." in line and ", base weight [" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_apply_masks_onto_other_weights_of_the_same_shapes(world, watch, tmp_path):
+    """The masks file records its base's fingerprint: another base of the same shapes is refused by name, and
+    --allow-other-base applies them anyway; the base they were learned on passes."""
+    line = watch.check(run_cli("apply-masks", "--base", world["twin"], "--masks", world["masks"], "--out",
+                               tmp_path / "out"), 1, world["masks"], world["twin"], "--allow-other-base",
+                       "learned on other weights")
+    assert str(world["model"]) in line and not (tmp_path / "out").exists()
+    forced = run_cli("apply-masks", "--base", world["twin"], "--masks", world["masks"], "--out", tmp_path / "forced",
+                     "--allow-other-base")
+    assert forced.code == 0 and (tmp_path / "forced" / "config.json").is_file(), forced.stderr
+    same = run_cli("apply-masks", "--base", world["model"], "--masks", world["masks"], "--out", tmp_path / "same")
+    assert same.code == 0, same.stderr
 
 
 def test_masks_file_that_is_not_ours(world, watch, tmp_path):
