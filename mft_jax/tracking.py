@@ -52,6 +52,10 @@ def check(wandb_cfg: WandbConfig | dict | None) -> None:
         raise _not_installed(cfg)
 
 
+def _server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
 def _not_installed(cfg: WandbConfig) -> TrackingError:
     return TrackingError(f"log.wandb.project is {cfg.project!r} but wandb is not installed; pip install wandb "
                          f"(or remove log.wandb from the run config)")
@@ -102,13 +106,17 @@ class Tracker:
         files_root.mkdir(parents=True, exist_ok=True)
         job_type = (run_config.get("train") or {}).get("mode")
         try:
+            timeouts = wandb.Settings(init_timeout=cfg.init_timeout, login_timeout=cfg.init_timeout,
+                                      x_graphql_timeout_seconds=cfg.init_timeout)
             run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_dir.name,
                              job_type=job_type, id=run_id(run_dir), resume="allow", mode=cfg.mode,
-                             dir=str(files_root), reinit="create_new")
+                             dir=str(files_root), reinit="create_new", settings=timeouts)
         except wandb.errors.Error as e:  # e.g. online without an API key: one line, before any training
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrackingError(f"log.wandb: wandb could not start the {cfg.mode} run ({reason}); log in with "
-                                f"`wandb login` (or set WANDB_API_KEY), or set log.wandb.mode: offline") from None
+                                f"`wandb login` (or set WANDB_API_KEY), check that {_server()} is reachable "
+                                f"(log.wandb.init_timeout={cfg.init_timeout:g} s), or set log.wandb.mode: "
+                                f"offline") from None
         # After a resume the run already holds a config; result-neutral keys (log_every, ...) may have changed.
         run.config.update(run_config, allow_val_change=True)
         run.define_metric("step")

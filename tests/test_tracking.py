@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,19 @@ def test_online_without_an_api_key_is_one_line_before_any_work(tmp_path):
                                                      r"wandb login.*log.wandb.mode: offline") as err:
         tracking.Tracker.open({}, tmp_path / "run", {"project": "p", "mode": "online"})
     assert "\n" not in str(err.value)
+
+
+def test_online_with_an_unreachable_server_fails_in_seconds(tmp_path, monkeypatch):
+    """A key but no server (here a closed local port): one line within about the init timeout (wandb's own
+    default retries for 90 s)."""
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=r"wandb could not start the online run .*"
+                                                     r"http://127.0.0.1:9 is reachable \(log.wandb.init_timeout=3 s\)"
+                                                     r".*log.wandb.mode: offline") as err:
+        tracking.Tracker.open({}, tmp_path / "run", {"project": "p", "mode": "online", "init_timeout": 3})
+    assert "\n" not in str(err.value) and time.monotonic() - start < 30
 
 
 @pytest.mark.parametrize("wandb, message", [

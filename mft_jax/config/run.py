@@ -284,9 +284,14 @@ class WandbConfig:
     name: str | None = None  # None: the run directory's name
     entity: str | None = None  # None: the logged-in user's default entity
     dir: str | None = None  # None: the run directory (files under RUN/wandb)
+    # seconds an online start may take before the run stops with an error (wandb's own default is 90, and it
+    # retries an unreachable or refusing server all that time)
+    init_timeout: float = 15.0
 
     def validate(self):
         choice("log.wandb.mode", self.mode, ("online", "offline", "disabled"))
+        if not (isinstance(self.init_timeout, (int, float)) and self.init_timeout > 0):
+            raise ConfigError(f"log.wandb.init_timeout must be a number of seconds > 0, got {self.init_timeout!r}")
         if self.project is not None and not self.project.strip():
             raise ConfigError("log.wandb.project is empty; name a project, or remove log.wandb to log nothing")
         if self.project is None and (self.group or self.name or self.entity):
