@@ -1,4 +1,63 @@
-from mft_jax.cli import main
+"""`mft-jax` and `python -m mft_jax`: the command line (mft_jax.cli) in a process of its own. Ctrl-C at any
+moment is one line and exit 130: during the import of the command modules (seconds) as during the command,
+and the interpreter's teardown after it prints nothing more."""
+
+import _thread
+import os
+import signal
+import sys
+import time
+
+
+def main():
+    sys.unraisablehook = _interrupt_where_it_can_be_handled
+    try:
+        from mft_jax import cli
+    except KeyboardInterrupt:
+        print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)  # nothing of ours started yet; skip the interpreter's teardown of half-imported modules
+    try:
+        cli.main()
+    except SystemExit as done:
+        if done.code == cli.EXIT_INTERRUPTED:
+            _quiet_shutdown()
+            raise
+        signal.signal(signal.SIGINT, _interrupted_in_teardown)
+        raise
+    except KeyboardInterrupt:  # between the command's end and here
+        _quiet_shutdown()
+        print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(cli.EXIT_INTERRUPTED)
+    signal.signal(signal.SIGINT, _interrupted_in_teardown)
+
+
+def _interrupt_where_it_can_be_handled(unraisable, _default=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands in code whose exceptions Python cannot raise (a GC callback such as JAX's, a
+    destructor) is reported as 'Exception ignored' and lost; it is delivered to the main thread again instead."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):  # (from another thread: here it would raise at once)
+        _thread.start_new_thread(_interrupt_main_soon, ())
+        return
+    _default(unraisable)
+
+
+def _interrupt_main_soon() -> None:
+    time.sleep(0.01)  # once the hook has returned
+    _thread.interrupt_main()
+
+
+def _interrupted_in_teardown(signum, frame) -> None:
+    """Ctrl-C once the command has returned, while the interpreter waits for writer threads and tears down."""
+    print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _quiet_shutdown() -> None:
+    """After a Ctrl-C: a second one is ignored, and what the interpreter's teardown reports as unraisable (JAX's
+    GC callback and orbax's event loops, interrupted mid-way, raise while they are collected) is not printed,
+    so the error line stays the last thing on stderr. Only in a process of its own (tests call cli.main)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.unraisablehook = lambda unraisable: None
+
 
 if __name__ == "__main__":
     main()

@@ -177,9 +177,13 @@ def _os_message(error: OSError) -> str:
 
 
 def describe_error(error: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) for an exception that ends a command."""
-    if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted"
+    """(exit code, one-line message) for an exception that ends a command. An error raised while a Ctrl-C was
+    being handled (a cleanup racing a writer thread) is the interruption."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return EXIT_INTERRUPTED, "interrupted"
+        cause = cause.__cause__ or cause.__context__
     code = getattr(error, "exit_code", None)
     if isinstance(error, ConfigError):
         message = str(error)
@@ -212,8 +216,9 @@ def _debug() -> bool:
 
 def main(argv=None):
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         distributed.initialize()  # joins the other processes of a multi-host run before any JAX device use
         code = args.func(args)  # an int is an exit code (plan: 1 when a plan failed); anything else is output
     except SystemExit:
@@ -223,7 +228,7 @@ def main(argv=None):
             raise
         code, message = describe_error(error)
         sys.stdout.flush()
-        print(f"mft-jax {args.command}: error: {message}", file=sys.stderr)
+        print(f"mft-jax {args.command if args else ''}".rstrip() + f": error: {message}", file=sys.stderr)
         sys.exit(code)
     if isinstance(code, int) and not isinstance(code, bool) and code:
         sys.exit(code)

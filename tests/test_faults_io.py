@@ -8,7 +8,11 @@ model, an orbax copy, a masks file and a run directory are built once for the mo
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -555,6 +559,27 @@ def test_interrupt_and_unexpected_errors(world, watch, tmp_path, monkeypatch):
     line = watch.check(run_cli(*args), 1, "ZeroDivisionError", "MFT_JAX_DEBUG=1")
     assert line == ("mft-jax apply-masks: error: unexpected ZeroDivisionError: division by zero (set "
                     "MFT_JAX_DEBUG=1 for the traceback)")
+
+
+@pytest.mark.parametrize("after_s", [0.3, 1.2, 2.0, 2.3, 2.6, 3.5])
+def test_ctrl_c_at_any_moment_is_one_line(world, tmp_path, after_s):
+    """SIGINT to a real `mft-jax convert` while it imports (~2 s here), loads, writes orbax or exits: exit 130 and
+    one error line, no traceback and no 'Exception ignored' report; or, once the command has finished, exit 0,
+    or death by the signal during the interpreter's teardown (Python restores the default handler there; a
+    shell reports 130), its output complete."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mft_jax", "convert", "--from-hf", str(world["model"]), "--out",
+                             str(tmp_path / "orbax")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert TRACEBACK not in err and "Exception ignored" not in err, err[-3000:]
+    if proc.returncode == 130:
+        assert [line for line in err.splitlines() if line.strip()][-1].endswith("error: interrupted"), err[-2000:]
+    else:
+        assert proc.returncode in (0, -signal.SIGINT), (proc.returncode, err[-2000:])
+        assert "wrote orbax params checkpoint" in out and (tmp_path / "orbax" / "config.json").is_file()
 
 
 def test_real_process_one_line_and_debug_traceback(world, tmp_path):
