@@ -6,17 +6,19 @@
 #           CUDA 12 PJRT plugin (NVIDIA GPUs), each of the version jax pins, installed into
 #           .venv/mft-jax-compilers (not site-packages), so that ordinary processes never load them; plan workers
 #           put that folder on their path. No GPU, driver or NVIDIA library is needed to compile.
+#   --tpu   adds libtpu of jax's own pin to the environment, for a TPU VM (jax finds no TPU without it).
 #   --dry-run  prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TEST=0 PLAN=0 DRY=0
+TEST=0 PLAN=0 TPU=0 DRY=0
 for arg in "$@"; do
   case $arg in
     --test) TEST=1 PLAN=1 ;;
     --plan) PLAN=1 ;;
+    --tpu) TPU=1 ;;
     --dry-run) DRY=1 ;;
-    *) echo "install.sh: unknown option $arg (use --test, --plan, --dry-run)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option $arg (use --test, --plan, --tpu, --dry-run)" >&2; exit 2 ;;
   esac
 done
 run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }
@@ -34,12 +36,13 @@ if [ "$TEST" = 1 ]; then
   # ranks); only their data files are read, never imported, so their own dependencies are not needed.
   run .venv/bin/python -m pip install -q --no-deps "mistral-common==1.13.1" "llama-models==0.3.0"
 fi
-if [ "$PLAN" = 1 ]; then
-  # The versions jax itself pins for its tpu and cuda12 extras (read from its metadata, so they follow jax).
+# The versions jax itself pins for its tpu and cuda12 extras (read from its metadata, so they follow jax).
+jax_pins() {
   if [ "$DRY" = 1 ] && ! .venv/bin/python -c "import jax" 2>/dev/null; then
-    pins="libtpu==JAX_PIN jax-cuda12-plugin==JAX_VERSION jax-cuda12-pjrt==JAX_VERSION"
-  else
-    pins=$(.venv/bin/python - <<'PY'
+    REPLY="libtpu==JAX_PIN jax-cuda12-plugin==JAX_VERSION jax-cuda12-pjrt==JAX_VERSION"
+    return
+  fi
+  REPLY=$(.venv/bin/python - <<'PY'
 import importlib.metadata as m
 import re
 version = m.version("jax")
@@ -48,7 +51,14 @@ libtpu = re.match(r"libtpu\s*\(?([^;)]*)", libtpu).group(1).strip()
 print(f"libtpu{libtpu} jax-cuda12-plugin=={version} jax-cuda12-pjrt=={version}")
 PY
 )
-  fi
+}
+if [ "$TPU" = 1 ]; then
+  # On a TPU VM: libtpu in the environment itself, so that jax finds the chips (without it jax runs on CPU).
+  jax_pins
+  run .venv/bin/python -m pip install -q "${REPLY%% *}"
+fi
+if [ "$PLAN" = 1 ]; then
+  jax_pins
   # shellcheck disable=SC2086
-  run .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/mft-jax-compilers $pins
+  run .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/mft-jax-compilers $REPLY
 fi

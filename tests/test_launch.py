@@ -496,5 +496,8 @@ def test_install_plan_dry_run_pins_the_compilers_of_jax(env):
     pin = re.match(r"libtpu\s*\(?([^;)]*)", libtpu).group(1).strip()
     assert f"libtpu{pin}" in target and f"jax-cuda12-plugin=={version}" in target
     assert f"jax-cuda12-pjrt=={version}" in target and "--no-deps" in target
+    tpu = commands(launch("install.sh", "--tpu", "--dry-run", env=env))
+    into_venv = tpu[containing(tpu, "pip install", f"libtpu{pin}")]  # on a TPU VM: in the environment itself
+    assert "--target" not in into_venv and into_venv[-1] == f"libtpu{pin}"
     bad = launch("install.sh", "--gpu", env=env)
     assert bad.returncode == 2 and "unknown option --gpu" in bad.stderr
