@@ -297,8 +297,13 @@ def test_bad_sources_fail_clearly(tmp_path, tok_dir, monkeypatch):
     for datasets_module in ([] if importlib.util.find_spec("datasets") is None else [True]) + [None]:
         if datasets_module is None:
             monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-        with pytest.raises(DataError, match="Hugging Face dataset name.*network.*local copy"):
+        with pytest.raises(DataError, match="Hugging Face dataset name.*network.*local copy") as err:
             build_dataset(cfg({"allenai/some-dataset": 10}))
+        assert "no local file" not in str(err.value)
+        # a name that looks like a file (not org/name) also says that no such file exists
+        with pytest.raises(DataError, match=r"'data/train\.csv' is a Hugging Face dataset name.*no local file "
+                                            r"'data/train\.csv' exists either.*\.jsonl, \.json, \.parquet"):
+            build_dataset(cfg({"data/train.csv": None}))
     assert time.perf_counter() - start < 5
     hopeless = write_jsonl(tmp_path / "hopeless.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
     with pytest.raises(DataError, match=r"source '.*hopeless\.jsonl': 3 of 3 rows taken \(100\.0%\) were dropped.*"

@@ -169,6 +169,9 @@ def _read_hub(source: str):
     fix = (f"data source {source!r} is a Hugging Face dataset name: reading it needs the `datasets` package and "
            f"network access (or the dataset in the local Hugging Face cache and HF_DATASETS_OFFLINE=1); "
            f"otherwise save a local copy as .jsonl / .parquet and list that path instead")
+    if "." in name.rsplit("/", 1)[-1] or name.count("/") != 1:  # not org/name: a file meant, or mistyped?
+        fix += (f" (no local file {source!r} exists either; a local source is an existing file or a path "
+                f"ending in {', '.join(LOCAL_SUFFIXES)})")
     try:
         import datasets  # optional: only hub sources need it (~1 s to import)
     except ImportError:
