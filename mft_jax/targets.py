@@ -56,10 +56,6 @@ class Target:
     topology: str = ""  # TPU: libtpu's topology name; GPU: "slices x hosts x devices per host"
     gpu: Gpu | None = None
 
-    @property
-    def chip(self) -> str:
-        return self.name.split("-")[0] if self.platform == "tpu" else self.name.split("x", 1)[1]
-
 
 _A100 = Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 1.41, 40 * MiB, 164 * 1024, 163 * 1024, fp32_cores_per_sm=64)
 _H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 1.98, 50 * MiB, 228 * 1024, 227 * 1024)
@@ -72,10 +68,10 @@ _GPU_MEMORY = {"A100-80GB": 81920 * MiB, "H100-80GB": H100_80GB_BYTES, "H200": 1
 # (Gpu, dense bf16 FLOP/s, HBM B/s, NVLink B/s per direction)
 _GPUS = {"A100-80GB": (_A100, 312e12, 2.039e12, 300e9), "H100-80GB": (_H100, 989e12, 3.35e12, 450e9),
          "H200": (_H200, 989e12, 4.8e12, 450e9), "B200": (_B200, 2250e12, 8.0e12, 900e9)}
-# TPU chips: (HBM bytes, dense bf16 FLOP/s, HBM B/s, ICI B/s per chip one direction, libtpu's name, TensorCores
-# in the slice name per chip): v5p counts TensorCores (v5p-8 = 4 chips); v5e and v6e count chips.
-_TPUS = {"v5p": (95 * GiB, 459e12, 2.765e12, 4800e9 / 8 / 2, "v5p", 2),
-         "v5e": (16 * GiB, 197e12, 819e9, 1600e9 / 8 / 2, "v5e", 1), "v6e": (32 * GiB, 918e12, 1640e9, 3584e9 / 8 / 2, "v6e", 1)}
+# TPU chips (libtpu's names): (HBM bytes, dense bf16 FLOP/s, HBM B/s, ICI B/s per chip one direction, TensorCores
+# per chip in the slice name): v5p counts TensorCores (v5p-8 = 4 chips); v5e and v6e count chips.
+_TPUS = {"v5p": (95 * GiB, 459e12, 2.765e12, 4800e9 / 8 / 2, 2), "v5e": (16 * GiB, 197e12, 819e9, 1600e9 / 8 / 2, 1),
+         "v6e": (32 * GiB, 918e12, 1640e9, 3584e9 / 8 / 2, 1)}
 # chips -> libtpu topology per generation (3-D torus for v5p, 2-D for v5e/v6e)
 _TOPOLOGIES_3D = {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
 _TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -83,12 +79,12 @@ _TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
 
 def _tpu(name: str) -> Target:
     chip, count = name.split("-")
-    memory, flops, hbm, ici, libtpu_name, cores_per_chip = _TPUS[chip]
+    memory, flops, hbm, ici, cores_per_chip = _TPUS[chip]
     chips = int(count) // cores_per_chip
     table = _TOPOLOGIES_3D if chip == "v5p" else _TOPOLOGIES_2D
     if chips not in table:
         raise KeyError(name)
-    return Target(name, "tpu", chips, memory, flops, hbm, ici, f"{libtpu_name}:{table[chips]}")
+    return Target(name, "tpu", chips, memory, flops, hbm, ici, f"{chip}:{table[chips]}")
 
 
 _GPU_COUNTS = (1, 2, 4, 8)
