@@ -20,7 +20,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mft_jax import config, model, sharding, step as step_lib  # noqa: E402
@@ -49,9 +48,7 @@ def view_grads(cfg, params32, compute_dtype: str, mesh_shape, grad_reduce: str, 
     reduce = run.train.grad_reduce
 
     def grads(params, state, batch):
-        view = layout.method.view(params, state.trainable, state.derived)
-        if reduce == "fp32":
-            view = jax.tree.map(lambda v: v.astype(jnp.float32), view)
+        view = step_lib.reduction_view(layout.method.view(params, state.trainable, state.derived), reduce)
         return step_lib.micro_batch_grads(layout.method, loss_sums, params, view, batch, jax.random.key(0))[0]
 
     with sharding.axis_rules(), jax.set_mesh(mesh):

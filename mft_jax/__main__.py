@@ -14,7 +14,7 @@ def main():
     try:
         from mft_jax import cli
     except KeyboardInterrupt:
-        print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+        _say_interrupted()
         os._exit(130)  # nothing of ours started yet; skip the interpreter's teardown of half-imported modules
     try:
         cli.main()
@@ -26,7 +26,7 @@ def main():
         raise
     except KeyboardInterrupt:  # between the command's end and here
         _quiet_shutdown()
-        print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+        _say_interrupted()
         sys.exit(cli.EXIT_INTERRUPTED)
     signal.signal(signal.SIGINT, _interrupted_in_teardown)
 
@@ -47,8 +47,12 @@ def _interrupt_main_soon() -> None:
 
 def _interrupted_in_teardown(signum, frame) -> None:
     """Ctrl-C once the command has returned, while the interpreter waits for writer threads and tears down."""
-    print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
+    _say_interrupted()
     os._exit(130)
+
+
+def _say_interrupted() -> None:
+    print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
 
 
 def _quiet_shutdown() -> None:

@@ -155,9 +155,9 @@ def apply_masks_file(base: str | Path, masks_file: str | Path, out: str | Path, 
     masks, meta = load_masks(masks_file)
     check_masks_fit(masks, cfg, masks_file, base)
     cfg, params = convert.load_hf(base, dtype=dtype)
-    learned_on = meta.get("base_fingerprint")
-    found = base_fingerprint(params, list(flatten(masks)))
-    if learned_on and found != learned_on and not allow_other_base:
+    learned_on = meta.get("base_fingerprint")  # (files written before fingerprints have none)
+    found = base_fingerprint(params, list(flatten(masks))) if learned_on and not allow_other_base else None
+    if found is not None and found != learned_on:
         raise convert.CheckpointError(
             f"{masks_file} was learned on other weights (base {meta.get('base_model', '?')}, fingerprint "
             f"{learned_on}) than {base} (fingerprint {found}); give the base the masks were trained on, or pass "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import re
 
@@ -157,11 +156,6 @@ def _dot_flops(instr: Instr, table: dict[str, Instr]) -> float:
         contracted = dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
         contracted *= math.prod(int(x) for x in window.group(1).split("x")) if window else 1
     return 2.0 * math.prod(instr.shapes[0][1]) * contracted
-
-
-def _constraint_shapes(line: str) -> list[tuple[int, ...]]:
-    m = re.search(r"operand_layout_constraints=\{(.*?)\}, [a-z_]+=", line)
-    return [tuple(int(x) for x in dims.split(",") if x) for _, dims in _SHAPE.findall(m.group(1))] if m else []
 
 
 def _float_operands(line: str) -> list[tuple[int, ...]]:
@@ -303,10 +297,6 @@ def summarize(text: str) -> Summary:
 
     visit(entry, 1, False)
     return out
-
-
-def dumps(summary: Summary) -> str:
-    return json.dumps(summary.to_dict())
 
 
 def largest_arrays(text: str, top: int = 5) -> list[dict]:

@@ -142,12 +142,10 @@ def stand_in_attention(run, platform: str) -> str:
     return "xla" if runs == "xla" else "splash"
 
 
-def compile_step(run, cfg, mesh, out: dict | None = None):
-    """The train step of `run` compiled from abstract inputs for `mesh` (whose devices may be compile-only ones
-    of a TPU topology or a GPU target); the inputs' analytic breakdown goes to out["analytic"] first."""
-    layout, params, state, batch = abstract_inputs(run, cfg, mesh)  # outside the mesh: optax runs eager ops
-    if out is not None:
-        out["analytic"] = analytic_bytes(params, state, batch)
+def compile_step(run, cfg, mesh, inputs):
+    """The train step of `run` compiled for `mesh` (whose devices may be compile-only ones of a TPU topology or
+    a GPU target) from its abstract `inputs` (`abstract_inputs`, built outside the mesh: optax runs eager ops)."""
+    layout, params, state, batch = inputs
     platform = step_lib.platform(mesh)
     with ExitStack() as stack:
         stack.enter_context(sharding.axis_rules())
@@ -261,9 +259,11 @@ def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str,
            "stand_in": compiler != "real" and stand_in_reason, "device_kind": mesh.devices.flat[0].device_kind,
            "attention": {"config": run_config.model.attention, "resolved": attention},
            "device_memory": memory_bytes}
+    inputs = abstract_inputs(run, cfg, mesh)
+    out["analytic"] = analytic_bytes(*inputs[1:])
     start = time.perf_counter()
     try:
-        compiled = compile_step(run, cfg, mesh, out)
+        compiled = compile_step(run, cfg, mesh, inputs)
     except Exception as error:  # the TPU compiler refuses a program that does not fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -276,7 +276,7 @@ def plan(run_config, cfg: LlamaConfig, mesh_shape, target: targets.Target | str,
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     tokens = run.train.batch_size * run.data.max_seq_length
-    needed = necessary_flops(cfg, run.data.max_seq_length, abstract_inputs(run, cfg, mesh)[2].trainable)
+    needed = necessary_flops(cfg, run.data.max_seq_length, inputs[2].trainable)
     work = dict(summary.to_dict(), attention=attention_compiled(summary, attention),
                 attention_kernels_per_micro_batch={k: v / micro_batches for k, v in summary.attention.items()},
                 cost_analysis={k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost} if cost else None,

@@ -84,6 +84,11 @@ def micro_batch_grads(method, loss_sums: LossSums, params, view, batch_MxBxL, st
     return grad_sum, num, den, tokens
 
 
+def reduction_view(view, grad_reduce: str):
+    """The view the gradient is taken against: an fp32 copy for `grad_reduce: fp32` (see `train_step`)."""
+    return jax.tree.map(lambda v: v.astype(jnp.float32), view) if grad_reduce == "fp32" else view
+
+
 def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedule, seed: int,
                grad_reduce: str = "compute"):
     """The step (params, state, batch [M, B, L]) -> (state, metrics), not yet jitted (see `jit_train_step`).
@@ -97,9 +102,7 @@ def train_step(layout: StateLayout, loss_sums: LossSums, schedule: optax.Schedul
     method, optimizer = layout.method, layout.optimizer
 
     def step(params, state: TrainState, batch_MxBxL):
-        view = method.view(params, state.trainable, state.derived)
-        if grad_reduce == "fp32":
-            view = jax.tree.map(lambda v: v.astype(jnp.float32), view)
+        view = reduction_view(method.view(params, state.trainable, state.derived), grad_reduce)
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout (unused without)
         grad_sum, num, den, tokens = micro_batch_grads(method, loss_sums, params, view, batch_MxBxL, step_key)
         den = jnp.maximum(den, 1e-12)

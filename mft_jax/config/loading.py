@@ -103,15 +103,22 @@ def canonical_keys(key: str) -> tuple[str, ...]:
     (`mask.keep` -> `mask.keep_attn`, `mask.keep_mlp`)."""
     cls, prefix, parts = RunConfig, "", key.split(".")
     for i, part in enumerate(parts):
-        aliases = getattr(cls, "ALIASES", {})
-        if part in aliases and part not in {f.name for f in dataclasses.fields(cls)}:
-            targets = aliases[part]
-            return tuple(f"{prefix}{t}" for t in (targets if isinstance(targets, tuple) else (targets,)))
+        targets = _alias_targets(cls, part)
+        if targets:
+            return tuple(f"{prefix}{t}" for t in targets)
         tp = typing.get_type_hints(cls).get(part)
         if i == len(parts) - 1 or not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             return (key,)
         cls, prefix = tp, f"{prefix}{part}."
     return (key,)
+
+
+def _alias_targets(cls, key: str) -> tuple[str, ...]:
+    """The fields of section `cls` that `key` sets when it is one of the section's aliases (else empty)."""
+    targets = getattr(cls, "ALIASES", {}).get(key)
+    if targets is None or key in {f.name for f in dataclasses.fields(cls)}:
+        return ()
+    return targets if isinstance(targets, tuple) else (targets,)
 
 
 def _build(cls, raw: dict, prefix: str, notes: list[str]):
@@ -123,12 +130,12 @@ def _build(cls, raw: dict, prefix: str, notes: list[str]):
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
-        if key in aliases and key not in names:
-            targets = aliases[key]
+        targets = _alias_targets(cls, key)
+        if targets:
             note = getattr(cls, "ALIAS_NOTES", {}).get(key)
             if note:
                 notes.append(f"note: {full}: {note}")
-            for target in (targets if isinstance(targets, tuple) else (targets,)):
+            for target in targets:
                 kwargs[target] = value
             continue
         if key not in names:
