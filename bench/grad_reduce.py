@@ -64,6 +64,8 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
+    if args.layers < 3:
+        parser.error("--layers must be >= 3 (layers 1 and 2 are masked)")
     cfg = config.LlamaConfig(**CFG, num_hidden_layers=args.layers)
     params32 = model.init_params(cfg, jax.random.key(0), "float32")
     rng = np.random.default_rng(0)
