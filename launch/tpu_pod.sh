@@ -28,14 +28,18 @@ Required:
   --config FILE            run config, a file inside this checkout (with --git: a path inside that repo)
   --zone ZONE              e.g. us-east5-a
   --run-dir DIR            where the run lives; it must outlive the slice and be shared by all workers:
-                           gs://BUCKET/PATH (mounted with gcsfuse at /gcs/BUCKET/PATH on every worker)
-                           or a path on shared storage that every worker already mounts
+                           gs://BUCKET/PATH (see --storage) or a path on shared storage that every worker
+                           already mounts
 
 Run:
   --set KEY=VALUE          config override, repeatable (e.g. --set model.path=/gcs/BUCKET/llama31-8b-fft)
   --env KEY=VALUE          environment variable for the train command on the workers, repeatable
                            (shown in the printed commands: keep secrets in files on the bucket)
-  --bucket BUCKET          also mount gs://BUCKET at /gcs/BUCKET on every worker (model, data), repeatable
+  --storage direct|gcsfuse how the workers reach a gs:// run dir (default direct): direct passes the gs:// URL
+                           to mft-jax, whose checkpoints orbax writes straight to the bucket (model.path and
+                           data.cache_dir may be gs:// too); gcsfuse mounts the bucket at /gcs/BUCKET and passes
+                           /gcs/BUCKET/PATH (directory renames on a mount are copies: slower saves)
+  --bucket BUCKET          also mount gs://BUCKET at /gcs/BUCKET on every worker with gcsfuse, repeatable
   --max-restarts N         re-create / re-run at most N times after preemptions (default 20)
 
 Slice:
@@ -69,6 +73,7 @@ EOF
 CONFIG=""
 ZONE=""
 RUN_DIR=""
+STORAGE=direct
 PROJECT=""
 NAME="mft-jax-${USER:-user}"
 ACCELERATOR_TYPE=v5p-64
@@ -101,6 +106,7 @@ parse_args() {
       --env) need_value "$@"; ENVS+=("$2"); shift 2 ;;
       --bucket) need_value "$@"; BUCKETS+=("${2#gs://}"); shift 2 ;;
       --run-dir) need_value "$@"; RUN_DIR=${2%/}; shift 2 ;;
+      --storage) need_value "$@"; STORAGE=$2; shift 2 ;;
       --zone) need_value "$@"; ZONE=$2; shift 2 ;;
       --project) need_value "$@"; PROJECT=$2; shift 2 ;;
       --name) need_value "$@"; NAME=$2; shift 2 ;;
@@ -170,7 +176,11 @@ check_args() {
     config_in_checkout "$CONFIG"
     REMOTE_CONFIG=$REPLY
   fi
-  if [[ $RUN_DIR == gs://* ]]; then
+  [[ $STORAGE == direct || $STORAGE == gcsfuse ]] || usage_error "--storage '$STORAGE': choose direct or gcsfuse"
+  if [[ $RUN_DIR == gs://* && $STORAGE == direct ]]; then
+    GCS_RUN_URL=$RUN_DIR
+    WORKER_RUN_DIR=$RUN_DIR
+  elif [[ $RUN_DIR == gs://* ]]; then
     local path=${RUN_DIR#gs://}
     GCS_RUN_URL=$RUN_DIR
     BUCKETS+=("${path%%/*}")

@@ -7,6 +7,10 @@ so a run killed mid-save never leaves a half-written checkpoint as the latest on
 On several processes every process calls save and restore: orbax writes and reads each process's shards of
 the state, and each process keeps its own data-iterator position (it reads its own rows) in `data/process_I.json`.
 
+On Cloud Storage (a gs:// run directory) orbax writes straight to the bucket and marks a complete checkpoint with
+a commit object (`commit_success.txt`) instead of a rename; a step without it (a kill during its write) is not a
+checkpoint: the manager skips it on restore and writes the step again.
+
 A checkpoint that cannot be read (a disk fault, a file removed by hand) does not end the run: `restore_newest`
 warns, naming it, and resumes from the newest intact one; the unreadable ones are moved to
 `RUN/checkpoints_damaged/` (never deleted) so that the run can save those steps again.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 import warnings
@@ -28,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from mft_jax import storage
 from mft_jax.convert import CheckpointError, error_summary
 
 DAMAGED_DIR = "checkpoints_damaged"
@@ -43,7 +47,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, save_every: int = 500, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                enable_async_checkpointing=async_save, create=True)
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         # orbax's JSON item is written by process 0 only by default; here every process writes its own file.
         self._data_file = f"process_{jax.process_index()}.json"
         data_handler = ocp.JsonCheckpointHandler(
@@ -122,7 +126,7 @@ class Checkpointer:
             target = self.directory.parent / DAMAGED_DIR
             target.mkdir(exist_ok=True)
             for step in steps:
-                os.replace(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                storage.move_tree(self.directory / str(step), target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("mft_jax.checkpoint.set_aside")
         self.manager.reload()

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 
 from mft_jax import model as model_lib
-from mft_jax import outputs, safetensors_io
+from mft_jax import outputs, safetensors_io, storage
 from mft_jax.config import ConfigError, LlamaConfig
 from mft_jax.safetensors_io import (CheckpointError, TensorRef, read_safetensors_header,  # noqa: F401 (re-exported)
                                     read_safetensors_index, write_safetensors)
@@ -86,7 +85,7 @@ def named_leaves(tree) -> Iterator[tuple[tuple[str, ...], Any]]:
 # --------------------------------------------------------------------------------------------------------
 
 def load_config(path: str | Path) -> LlamaConfig:
-    path = Path(path)
+    path = storage.path(path)
     config_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist; give a Hugging Face checkpoint "
@@ -119,7 +118,7 @@ def _read_json(path: Path):
 
 def tensor_index(path: str | Path) -> dict[str, TensorRef]:
     """Every tensor of a HF checkpoint directory (single file or sharded with an index)."""
-    path = Path(path)
+    path = storage.path(path)
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         index = _read_json(index_file)
@@ -157,7 +156,7 @@ def load_hf(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig, 
       of its devices' slices of each tensor (host memory holds the model plus one tensor either way).
     Missing, unexpected or mis-shaped tensors fail with their names before any tensor is read.
     """
-    path = Path(path)
+    path = storage.path(path)
     cfg = load_config(path)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=np.dtype(dtype).name)
@@ -234,13 +233,13 @@ def save_hf(cfg: LlamaConfig, params: dict, path: str | Path, dtype=None, tokeni
     it is an earlier output of ours or with `overwrite` (never when it is, holds or lies inside an input).
     """
     out_dtype = np.dtype(dtype or cfg.dtype)
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+    if tokenizer_dir is not None and not storage.path(tokenizer_dir).is_dir():
         raise CheckpointError(f"tokenizer directory {str(tokenizer_dir)!r} does not exist")
     limit = parse_size(max_shard_size)
     with outputs.new_dir(path, inputs=[*inputs, tokenizer_dir], overwrite=overwrite, command=command,
                          flag=flag) as tmp:
         _write_hf(cfg, params, tmp, out_dtype, tokenizer_dir, limit)
-    return Path(path)
+    return storage.path(path)
 
 
 def _write_hf(cfg: LlamaConfig, params: dict, tmp: Path, out_dtype: np.dtype, tokenizer_dir, limit: int) -> None:
@@ -280,8 +279,8 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copies the tokenizer files of a HF directory; returns the names copied."""
     copied = []
     for name in _TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+        if (storage.path(src) / name).is_file():
+            storage.copy_file(storage.path(src) / name, storage.path(dst) / name)
             copied.append(name)
     return copied
 
@@ -302,11 +301,11 @@ def save_orbax(cfg: LlamaConfig, params: dict, path: str | Path, *, overwrite: b
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_ORBAX_CHUNK_BYTES), params)
     with _new_dir_on_every_process(path, inputs=inputs, overwrite=overwrite, command=command, flag=flag) as tmp:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
-            checkpointer.save(tmp.absolute() / "params", args=ocp.args.PyTreeSave(params, save_args=save_args),
+            checkpointer.save(storage.absolute(tmp) / "params", args=ocp.args.PyTreeSave(params, save_args=save_args),
                               force=True)
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    return Path(path).absolute()
+    return storage.absolute(path)
 
 
 @contextlib.contextmanager
@@ -322,10 +321,10 @@ def _new_dir_on_every_process(path, **kwargs) -> Iterator[Path]:
     def share(tmp: Path | None) -> Path:
         raw = np.zeros(4096, np.uint8)
         if tmp is not None:
-            name = str(tmp.absolute()).encode()
+            name = str(storage.absolute(tmp)).encode()
             raw[:len(name)] = np.frombuffer(name, np.uint8)
         raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-        return Path(raw.tobytes().rstrip(b"\0").decode())
+        return storage.path(raw.tobytes().rstrip(b"\0").decode())
 
     if jax.process_index() == 0:
         with outputs.new_dir(path, **kwargs) as tmp:
@@ -339,7 +338,7 @@ def _new_dir_on_every_process(path, **kwargs) -> Iterator[Path]:
 
 def check_orbax(path: str | Path) -> LlamaConfig:
     """The config of an orbax params checkpoint written by `save_orbax`, checked without reading params."""
-    path = Path(path)
+    path = storage.path(path)
     cfg = load_config(path)
     if not (path / "params").is_dir():
         raise CheckpointError(f"{path}: no params/ directory; an orbax params checkpoint is what "
@@ -351,7 +350,7 @@ def load_orbax(path: str | Path, shardings=None, dtype=None) -> tuple[LlamaConfi
     """Reads an orbax params checkpoint written by `save_orbax` (any compression or chunking) into (LlamaConfig,
     params), one array at a time and, with `shardings`, only the slices the local devices hold, cast to `dtype`
     (default: the config's) as each slice is read."""
-    path = Path(path).absolute()
+    path = storage.absolute(path)
     cfg = check_orbax(path)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=np.dtype(dtype).name)
@@ -420,13 +419,13 @@ def error_summary(error: BaseException, limit: int = 300) -> str:
 
 
 def is_hf_dir(path: str | Path) -> bool:
-    path = Path(path)
+    path = storage.path(path)
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def load_any(path: str | Path, dtype=None, shardings=None) -> tuple[LlamaConfig, dict]:
     """A HF checkpoint directory or an orbax params checkpoint written by `save_orbax`."""
-    path = Path(path)
+    path = storage.path(path)
     if (path / "params").is_dir():
         return load_orbax(path, shardings, dtype)
     return load_hf(path, dtype, shardings)

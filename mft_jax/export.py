@@ -24,7 +24,7 @@ import safetensors.numpy
 
 from mft_jax import checkpoint as ckpt_lib
 from mft_jax import config as config_lib
-from mft_jax import baselines, convert, masking, model, outputs, sharding
+from mft_jax import baselines, convert, masking, model, outputs, sharding, storage
 from mft_jax.config import LlamaConfig, MaskConfig, RunConfig
 from mft_jax.state import StateLayout
 from mft_jax.train import check_trained_config
@@ -39,15 +39,19 @@ MASKS_FORMAT = "mft_jax.masks/1"
 
 def save_masks(path: str | Path, masks, mask_cfg: MaskConfig, metadata: dict | None = None) -> Path:
     """Writes bool masks (our [in, out] kernel layout) as a bit-packed safetensors file in HF layout."""
-    path = Path(path)
+    path = storage.path(path)
     hf_masks = {convert.hf_name(p): np.asarray(jax.device_get(m), dtype=bool).T for p, m in flatten(masks).items()}
     packed = masking.pack(hf_masks)  # {(name,): (bits, [out, in])}
     keeps = {convert.hf_name(p): masking.keep_fraction(p, mask_cfg) for p in flatten(masks)}
     meta = {"format": MASKS_FORMAT, "shapes": json.dumps({name: list(shape) for (name,), (_, shape) in packed.items()}),
             "keep": json.dumps(keeps), "mask": json.dumps(dataclasses.asdict(mask_cfg))}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tensors = {name: bits for (name,), (bits, _) in packed.items()}
+    if storage.is_remote(path):  # one object write (atomic)
+        storage.blob(str(path)).upload_from_string(safetensors.numpy.save(tensors, metadata=meta))
+        return path
     tmp = path.with_name(path.name + ".tmp")
-    safetensors.numpy.save_file({name: bits for (name,), (bits, _) in packed.items()}, str(tmp), metadata=meta)
+    safetensors.numpy.save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -67,12 +71,13 @@ def load_masks(path: str | Path) -> tuple[dict, dict]:
     """Reads a masks file -> (bool masks in our [in, out] layout keyed like the params, metadata).
 
     A file that is not ours, damaged or truncated fails with one line naming it (`CheckpointError`)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"masks file {str(path)!r} does not exist" if not path.exists() else
                                 f"masks file {str(path)!r} is a directory; give the masks.safetensors file")
     try:
-        with safetensors.safe_open(str(path), framework="numpy") as f:
+        local = storage.local_copy(path.parent, [path.name]) / path.name if storage.is_remote(path) else path
+        with safetensors.safe_open(str(local), framework="numpy") as f:
             meta = f.metadata() or {}
             if meta.get("format") != MASKS_FORMAT:
                 raise convert.CheckpointError(
@@ -167,7 +172,7 @@ def apply_masks_file(base: str | Path, masks_file: str | Path, out: str | Path, 
 
 
 def _tokenizer_dir(path) -> str | None:
-    path = Path(path)
+    path = storage.path(path)
     return str(path) if any(path.glob("tokenizer*")) else None
 
 
@@ -176,7 +181,7 @@ def _tokenizer_dir(path) -> str | None:
 # --------------------------------------------------------------------------------------------------------
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
+    path = storage.path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a run directory written by `mft-jax train`?")
     return config_lib.load(path, verbose=False)
@@ -187,7 +192,7 @@ def restore_run(run_dir: str | Path, step: int | None = None, mesh=None):
 
     The run's config, its checkpoint steps and the base model's metadata are checked before any weight is read."""
     run = load_run_config(run_dir)
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = storage.path(run_dir) / "checkpoints"
     if not checkpoints.is_dir():
         raise FileNotFoundError(f"{run_dir}: no checkpoints/ directory; train the run first (mft-jax train)")
     cfg = convert.load_config(run.model.path)
@@ -228,7 +233,7 @@ def _data_state(step_dir: Path) -> dict | None:
 def _export_inputs(run_dir: str | Path, run: RunConfig) -> list:
     """What an export reads, which its output may not be, hold or lie inside: the config file (or the run's
     config.yaml and checkpoints/; the output may lie elsewhere in the run directory), base model, tokenizer."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     reads = [run_dir] if run_dir.is_file() else [run_dir / "config.yaml", run_dir / "checkpoints"]
     return [*reads, run.model.path, run.data.tokenizer]
 
@@ -244,20 +249,20 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
     replaced only if it is an earlier output of ours or with `overwrite`.
     On several processes every process calls it (the arrays may span them); process 0 writes the files.
     """
-    out = Path(out)
+    out = storage.path(out)
     writer = jax.process_index() == 0
     if baseline not in (None, "random", "magnitude", "wanda"):
         raise config_lib.ConfigError(f"baseline {baseline!r}: choose random, magnitude or wanda")
     if calibration_tokens is not None and calibration_tokens <= 0:
         raise config_lib.ConfigError(f"--calibration-tokens must be > 0, got {calibration_tokens}")
-    if baseline is not None and Path(run_dir).is_file():
+    if baseline is not None and storage.path(run_dir).is_file():
         run = config_lib.load(run_dir, verbose=False)
     else:
         run = load_run_config(run_dir)
     inputs = _export_inputs(run_dir, run)
     outputs.check_target(out, inputs=inputs, overwrite=overwrite)
     tokenizer_dir = run.data.tokenizer or _tokenizer_dir(run.model.path)
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+    if tokenizer_dir is not None and not storage.path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"data.tokenizer {tokenizer_dir!r} (from {run_dir}) is not a directory")
     if baseline is not None:
         cfg, params = convert.load_any(run.model.path)
@@ -273,10 +278,10 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, ba
     else:
         run, cfg, params, layout, state = restore_run(run_dir, step)
         step = int(state.step)
-        meta = {"run": str(Path(run_dir).absolute()), "step": step, "method": run.train.mode}
+        meta = {"run": str(storage.absolute(run_dir)), "step": step, "method": run.train.mode}
         masks = layout.method.masks(state.derived)
         effective = layout.dense(params, state)
-    meta["base_model"] = str(Path(run.model.path).absolute())
+    meta["base_model"] = str(storage.absolute(run.model.path))
     if masks is not None:  # what the masks were learned on: the base weights and the run's config
         meta["base_fingerprint"] = base_fingerprint(params, list(flatten(masks)))
         meta["run_config"] = json.dumps(run.to_dict())
@@ -312,8 +317,12 @@ def load_model(spec: str) -> tuple[LlamaConfig, dict, str | None]:
     """A HF checkpoint directory, or RUN_DIR[:STEP] with the run's masks applied on the fly (no export).
 
     Returns (model config, params to run, tokenizer directory)."""
-    path, _, step = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    if (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir():
+    if storage.is_remote(spec):  # gs://RUN:STEP: the step follows the last colon
+        head, _, tail = spec.rpartition(":")
+        path, step = (head, tail) if tail.isdigit() and head != "gs" else (spec, "")
+    else:
+        path, _, step = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if (storage.path(path) / "config.yaml").is_file() and (storage.path(path) / "checkpoints").is_dir():
         run, cfg, params, layout, state = restore_run(path, int(step) if step else None)
         return cfg, layout.dense(params, state), run.data.tokenizer or _tokenizer_dir(run.model.path)
     cfg, params = convert.load_any(path)

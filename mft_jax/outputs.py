@@ -19,6 +19,12 @@ Two ways to write:
       done; an earlier output is moved aside first and removed when the new one completes, restored if it fails.
 Leftovers of killed writers are recognised by their names and markers and cleaned (or restored) the next
 time the same target is written; nothing without our name pattern and marker is ever removed.
+
+On Cloud Storage (a gs:// target) there is no rename and no directory: `new_dir` yields a temporary sibling
+prefix that every writer (orbax included) writes straight into, marker first (incomplete) and last
+(complete); the target is then replaced by server-side copies, its marker last, so a reader that checks the
+marker never takes a half-copied output for a whole one. The same rules refuse a target that holds objects
+not written by mft-jax, or that is, holds or lies inside an input. `claimed_dir` (the demo) is local only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mft_jax import storage
 from mft_jax.config import ConfigError
 
 MARKER = ".mft_jax_output.json"
@@ -57,7 +64,7 @@ def _host() -> str:
 def read_marker(path: str | Path) -> dict | None:
     """The marker of an output directory of ours, or None (no marker, unreadable, or not ours)."""
     try:
-        marker = json.loads((Path(path) / MARKER).read_text())
+        marker = json.loads((storage.path(path) / MARKER).read_text())
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) and marker.get("format") == FORMAT else None
@@ -71,9 +78,7 @@ def _write_marker(directory: Path, command: str, inputs: list[str], complete: bo
     marker = {"format": FORMAT, "command": command, "inputs": inputs, "complete": complete,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "host": socket.gethostname(), "pid": os.getpid()}
-    tmp = directory / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, directory / MARKER)
+    storage.write_atomic(directory / MARKER, json.dumps(marker, indent=2) + "\n")
 
 
 def _leftover_pattern(name: str) -> re.Pattern:
@@ -193,6 +198,8 @@ def check_target(target: str | Path, *, inputs: Iterable[str | Path | None] = ()
                  flag: str = "--out") -> Path:
     """Refuses (OutputError) an output directory that would destroy or overlap what the user had; returns it
     resolved. Reads only metadata, so commands call it before loading anything. See the module docstring."""
+    if storage.is_remote(target):
+        return _check_remote_target(str(target), inputs=inputs, overwrite=overwrite, flag=flag)
     shown = str(target)
     resolved = _resolve(target)
     if resolved == resolved.parent:
@@ -242,7 +249,7 @@ def check_target(target: str | Path, *, inputs: Iterable[str | Path | None] = ()
 # --------------------------------------------------------------------------------------------------------
 
 def _inputs(inputs) -> list[str]:
-    return list(dict.fromkeys(str(_resolve(p)) for p in inputs if p is not None))
+    return list(dict.fromkeys(str(p) if storage.is_remote(p) else str(_resolve(p)) for p in inputs if p is not None))
 
 
 @contextlib.contextmanager
@@ -254,6 +261,10 @@ def new_dir(target: str | Path, *, inputs: Iterable[str | Path | None] = (), ove
     renamed aside, the new one renamed in, then the old one removed. On an exception (or KeyboardInterrupt)
     the temporary directory is removed and the target left as it was."""
     inputs = list(inputs)
+    if storage.is_remote(target):
+        with _remote_new_dir(str(target), inputs, overwrite, command, flag) as tmp:
+            yield tmp
+        return
     target = check_target(target, inputs=inputs, overwrite=overwrite, flag=flag)
     existing = _nearest_existing(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +332,9 @@ def claimed_dir(target: str | Path, *, inputs: Iterable[str | Path | None] = (),
     the block fails; an existing empty directory is claimed as it is. A writer killed outright leaves the
     target marked incomplete, and the next writer of the same target restores the earlier output first."""
     inputs = list(inputs)
+    if storage.is_remote(target):
+        raise OutputError(f"{flag} {target}: this command writes a local directory only; give a local path (and "
+                          f"copy it to the bucket afterwards if you wish)")
     target = check_target(target, inputs=inputs, overwrite=overwrite, flag=flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
@@ -346,3 +360,94 @@ def claimed_dir(target: str | Path, *, inputs: Iterable[str | Path | None] = (),
         if aside is not None:
             _remove_aside(aside)
             _ACTIVE.discard(aside)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cloud Storage targets
+# --------------------------------------------------------------------------------------------------------
+
+def _remote_relation(target: str, other: str) -> str | None:
+    target, other = target.rstrip("/"), str(other).rstrip("/")
+    if target == other:
+        return "is"
+    if other.startswith(target + "/"):
+        return "contains"
+    if target.startswith(other + "/"):
+        return "is inside"
+    return None
+
+
+def _check_remote_target(target: str, *, inputs, overwrite: bool, flag: str):
+    target = target.rstrip("/")
+    bucket, name = storage.split(target)
+    if not name:
+        raise OutputError(f"{flag} {target}: is a whole bucket; give a directory in it, e.g. {flag} {target}/out")
+    for source in inputs:
+        if source is not None and storage.is_remote(source):
+            relation = _remote_relation(target, str(source))
+            if relation is not None:
+                raise OutputError(f"{flag} {target}: {relation} the input {source}; the output must be a separate "
+                                  f"directory, not the input, inside it or above it (even with --overwrite)")
+    try:
+        entries = storage.objects(target)
+    except Exception as e:
+        raise OutputError(f"{flag} {target}: cannot list the bucket ({type(e).__name__}: {str(e)[:120]}); check "
+                          f"the bucket name and your credentials (gcloud auth application-default login)") from None
+    if storage.blob(target).exists():
+        raise OutputError(f"{flag} {target}: exists and is an object (a file); give a new directory (a file is "
+                          f"never replaced, even with --overwrite)")
+    if entries:
+        marker = read_marker(storage.path(target))
+        if marker is not None and not marker.get("complete", True) and not overwrite:
+            host = re.sub(r"[^A-Za-z0-9]", "", str(marker.get("host", "")))[:24]
+            if _writer_alive(host, int(marker.get("pid") or 0), Path("/nonexistent")) is not False:
+                raise OutputError(f"{flag} {target}: mft-jax {marker.get('command', '')} (pid {marker.get('pid')} "
+                                  f"on {marker.get('host')}) is writing it now; wait for it to finish, give another "
+                                  f"directory, or pass --overwrite if that process is gone")
+        if marker is None and not overwrite:
+            listed = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise OutputError(f"{flag} {target}: exists and was not written by mft-jax ({len(entries)} objects: "
+                              f"{listed}); give a new directory, or pass --overwrite to replace it")
+    return storage.path(target)
+
+
+@contextlib.contextmanager
+def _remote_new_dir(target: str, inputs: list, overwrite: bool, command: str, flag: str):
+    """`new_dir` on Cloud Storage: writers write straight into a temporary sibling prefix; on success the target's
+    marker is set incomplete, its old objects replaced by server-side copies of the new ones, the marker
+    written complete last, and the temporary prefix deleted. A failure deletes the temporary prefix."""
+    target_path = _check_remote_target(target, inputs=inputs, overwrite=overwrite, flag=flag)
+    target = str(target_path)
+    _clean_remote_leftovers(target)
+    parent, _, leaf = target.rpartition("/")
+    tmp = storage.path(f"{parent}/.{leaf}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _write_marker(tmp, command, _inputs(inputs), complete=False)
+        yield tmp
+        _write_marker(tmp, command, _inputs(inputs), complete=True)
+        _check_remote_target(target, inputs=inputs, overwrite=overwrite, flag=flag)  # it may have appeared
+        new = [e for e in storage.objects(str(tmp)) if e != MARKER]
+        old = storage.objects(target)
+        _write_marker(target_path, command, _inputs(inputs), complete=False)  # claims it while copying
+        for entry in new:
+            storage.copy_file(f"{tmp}/{entry}", f"{target}/{entry}")
+        for entry in set(old) - set(new) - {MARKER}:
+            storage.blob(f"{target}/{entry}").delete()
+        _write_marker(target_path, command, _inputs(inputs), complete=True)
+    finally:
+        storage.remove_tree(str(tmp))
+
+
+def _clean_remote_leftovers(target: str) -> None:
+    """Deletes the temporary prefixes of dead writers of `target` (ours by name and marker)."""
+    parent, _, leaf = target.rpartition("/")
+    pattern = _leftover_pattern(leaf)
+    try:
+        siblings = list(storage.path(parent).iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        match = pattern.fullmatch(path.name)
+        if match and match.group(1) == "tmp" and is_ours(path):
+            if _writer_alive(match.group(2), int(match.group(3)), Path("/nonexistent")) is False:
+                storage.remove_tree(str(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mft_jax import convert, methods, model, tracking
+from mft_jax import convert, methods, model, storage, tracking
 from mft_jax.config import ConfigError, LlamaConfig, RunConfig
 from mft_jax.data import load_tokenizer
 
@@ -34,7 +34,7 @@ def check_run(run: RunConfig) -> LlamaConfig:
     if not run.data.train:
         raise ConfigError("data.train is empty; give {source: rows}, e.g. {data/train.jsonl: null}")
     tokenizer = run.data.tokenizer or run.model.path
-    if not Path(tokenizer).is_dir() or not any(Path(tokenizer).glob("tokenizer*")):
+    if not storage.path(tokenizer).is_dir() or not any(storage.path(tokenizer).glob("tokenizer*")):
         raise ConfigError(f"no tokenizer in {tokenizer!r}: put the tokenizer files in the model directory or "
                           f"set data.tokenizer to a Hugging Face tokenizer directory")
     _check_vocabulary(run, cfg, tokenizer)
@@ -67,6 +67,8 @@ def checkpoint_bytes(run: RunConfig, cfg: LlamaConfig) -> int:
 
 def check_disk(run_dir: Path, run: RunConfig, cfg: LlamaConfig):
     """Refuses a run that cannot save one checkpoint; warns when `ckpt.keep` of them will not fit."""
+    if storage.is_remote(run_dir):
+        return  # a bucket has no free-space figure to check
     size = checkpoint_bytes(run, cfg)
     existing = sum(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*"))
     free = shutil.disk_usage(run_dir).free

@@ -15,6 +15,8 @@ with that one key by key:
 `RUN/.lock`, which the kernel drops when its holder dies (kill -9 included), so a lock is never stale on a
 filesystem that supports it. The file names the holder (pid, host) for the refusal message and is removed
 on exit; on filesystems without `flock` that record is the lock, stale when its pid is gone (same host).
+On Cloud Storage (a gs:// run_dir) the same file is a lease object (`mft_jax.storage.Lease`): created only if
+absent, renewed while the run lives, taken over when stale.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mft_jax import storage
 from mft_jax.config import ConfigError
 
 # Keys (dotted, prefix match) that do not change what a run computes; everything else does.
@@ -119,16 +122,12 @@ def _shorter(saved_train: dict, new_train: dict) -> bool:
 # Files
 # --------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes `path` through a temporary sibling and a rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+write_atomic = storage.write_atomic  # a reader never sees half a file (local or gs://)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of `metrics.jsonl` (a line cut short by a crash is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = storage.path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
@@ -143,7 +142,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, last_step: int) -> int:
     """Drops the records after `last_step` (written after the checkpoint a resume starts from, and about to
     be written again) and any line cut short by a crash. Returns how many records were dropped."""
-    path = Path(run_dir) / METRICS_FILE
+    path = storage.path(run_dir) / METRICS_FILE
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
@@ -161,8 +160,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> int:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    storage.append_text(storage.path(run_dir) / METRICS_FILE, json.dumps(record, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,8 +181,9 @@ class RunLock:
     """`with RunLock(run_dir):` holds RUN/.lock for the duration; a second holder gets a `RunDirError`."""
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = storage.path(run_dir) / LOCK_FILE
         self.fd: int | None = None
+        self.lease = storage.Lease(str(self.path)) if storage.is_remote(run_dir) else None
 
     def _holder(self) -> dict:
         try:
@@ -198,6 +197,11 @@ class RunLock:
                           f"finish or stop it (SIGTERM saves a checkpoint), or use another run_dir")
 
     def __enter__(self) -> "RunLock":
+        if self.lease is not None:
+            holder = self.lease.acquire()
+            if holder is not None:
+                self._refuse(holder)
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -230,6 +234,9 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
+        if self.lease is not None:
+            self.lease.release()
+            return
         if self.fd is None:
             return
         with contextlib.suppress(OSError):

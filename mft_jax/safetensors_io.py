@@ -23,6 +23,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from mft_jax import storage
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -58,6 +60,8 @@ class TensorRef:
             return np.zeros(self.shape, self.dtype)
         if not self.shape:
             return self._read(0, 1).reshape(())
+        if storage.is_remote(self.file):
+            return self._read(0, self.num_rows)
         return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
 
     def iter_rows(self, start: int, stop: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
@@ -73,7 +77,7 @@ class TensorRef:
         rows = np.empty((stop - start, *row_shape), self.dtype)
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         view = memoryview(rows.reshape(-1).view(np.uint8))
-        with open(self.file, "rb", buffering=0) as f:
+        with _open_read(self.file) as f:
             f.seek(self.offset + start * row_bytes)
             done = 0
             while done < len(view):
@@ -85,15 +89,24 @@ class TensorRef:
         return rows
 
 
+def _open_read(path):
+    """A binary reader: unbuffered locally (reads go straight into the caller's array); on gs:// a ranged
+    reader that fetches about one row block per request."""
+    if storage.is_remote(path):
+        return storage.filesystem().open(str(path), "rb", block_size=BLOCK_BYTES)
+    return open(path, "rb", buffering=0)
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorRef], dict]:
     """(tensor name -> where its bytes are, `__metadata__`) of one .safetensors file, reading only the header.
 
     The header is validated against the file before any tensor is touched: its length, its JSON, every
     tensor's dtype and shape, and that its data_offsets match shape x itemsize and lie inside the file, so a
     truncated, damaged or foreign file fails here with one line naming it instead of at a read."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    path = storage.path(path)
+    with _open_read(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header "
@@ -163,7 +176,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with storage.path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, shape, dtype, produce in tensors:

@@ -24,6 +24,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from mft_jax import storage
 from mft_jax.config import ConfigError, WandbConfig
 
 ID_FILE = "wandb_id"  # in the run directory: the wandb run id a resume continues
@@ -64,15 +65,13 @@ def _not_installed(cfg: WandbConfig) -> TrackingError:
 def run_id(run_dir: str | Path) -> str:
     """The wandb run id of a run directory: read from RUN/wandb_id, or made (12 hex digits) and written there.
     Stored rather than derived from the path, so a new run in a reused directory name is a new wandb run."""
-    path = Path(run_dir) / ID_FILE
+    path = storage.path(run_dir) / ID_FILE
     if path.is_file():
         stored = path.read_text().strip()
         if stored:
             return stored
     new = secrets.token_hex(6)
-    tmp = path.with_name(f".{ID_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(new + "\n")
-    os.replace(tmp, path)
+    storage.write_atomic(path, new + "\n")
     return new
 
 
@@ -100,9 +99,11 @@ class Tracker:
             import wandb  # optional: only runs with log.wandb set need it
         except ImportError:
             raise _not_installed(cfg) from None
-        run_dir = Path(run_dir)
+        run_dir = storage.path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        files_root = Path(cfg.dir) if cfg.dir else run_dir
+        # wandb writes its own files with local file calls: a gs:// run keeps them in the local cache.
+        files_root = Path(cfg.dir) if cfg.dir else (storage.local_cache(run_dir) if storage.is_remote(run_dir)
+                                                    else run_dir)
         files_root.mkdir(parents=True, exist_ok=True)
         job_type = (run_config.get("train") or {}).get("mode")
         try:

@@ -24,6 +24,7 @@ import yaml
 from mft_jax import checkpoint as ckpt_lib
 from mft_jax import config as config_lib
 from mft_jax import convert, data as data_lib, model, optim, preflight, rundir, sharding, step as step_lib, tracking
+from mft_jax import storage
 from mft_jax.config import ConfigError, RunConfig
 from mft_jax.runlog import MetricsLog
 from mft_jax.state import StateLayout, TrainState
@@ -40,7 +41,7 @@ def train(run: RunConfig, *, verbose: bool = True, max_steps_this_run: int | Non
     `dev_metrics(step, effective_params)`, if given, adds its own numbers (e.g. dev accuracy by generation)
     to that step's record. Checkpoint selection on dev reads these records from metrics.jsonl."""
     cfg = preflight.check_run(run)
-    run_dir = Path(run.run_dir)
+    run_dir = storage.path(run.run_dir)
     changes, length_change = _check_run_dir(run, run_dir, extend)
     done = run_dir / "DONE"
     if done.is_file() and not length_change:

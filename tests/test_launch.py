@@ -86,7 +86,7 @@ def assert_nothing_invoked(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------------------
 
 TPU_ARGS = ["--config", CONFIG, "--zone", "us-east5-a", "--run-dir", "gs://bkt/runs/llama31-math",
-            "--set", "train.micro_batch_size=32", "--set", "model.path=/gcs/bkt/it's a model"]
+            "--storage", "gcsfuse", "--set", "train.micro_batch_size=32", "--set", "model.path=/gcs/bkt/it's a model"]
 
 
 def test_tpu_pod_dry_run_creates_installs_trains_and_deletes(env, tmp_path):
@@ -114,6 +114,24 @@ def test_tpu_pod_dry_run_creates_installs_trains_and_deletes(env, tmp_path):
     done = find(cmds, "gcloud", "storage", "objects", "describe", "gs://bkt/runs/llama31-math/DONE")
     delete = find(cmds, "gcloud", "tpu-vm", "delete", "mft-jax-tester")
     assert create < copy < unpack < mount < install < train < done < delete == len(cmds) - 1
+
+
+def test_tpu_pod_dry_run_gs_run_dir_without_gcsfuse(env, tmp_path):
+    """The default --storage direct: the workers get the gs:// URL itself (orbax writes the checkpoints straight to
+    the bucket), and nothing is mounted."""
+    result = launch("tpu_pod.sh", "--dry-run", "--config", CONFIG, "--zone", "z", "--run-dir", "gs://bkt/runs/r",
+                    "--set", "model.path=gs://bkt/models/m", env=env)
+    cmds = commands(result)
+    assert_nothing_invoked(tmp_path)
+    assert not any("gcsfuse" in " ".join(c) for c in cmds)
+    remote = shlex.split(option(cmds[containing(cmds, "--worker=all", "mft-jax train")], "--command"))
+    start = remote.index(".venv/bin/mft-jax")
+    assert remote[start:start + 8] == [".venv/bin/mft-jax", "train", "--config", CONFIG,
+                                       "--set", "model.path=gs://bkt/models/m", "--set", "run_dir=gs://bkt/runs/r"]
+    find(cmds, "gcloud", "storage", "objects", "describe", "gs://bkt/runs/r/DONE")
+    bad = launch("tpu_pod.sh", "--dry-run", "--config", CONFIG, "--zone", "z", "--run-dir", "gs://b/r",
+                 "--storage", "fuse", env=env)
+    assert bad.returncode == 2 and "--storage 'fuse': choose direct or gcsfuse" in bad.stderr
 
 
 def test_tpu_pod_dry_run_queued_git_keep(env, tmp_path):

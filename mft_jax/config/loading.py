@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mft_jax import storage
 from mft_jax.config.errors import ConfigError
 from mft_jax.config.run import MaskConfig, RunConfig
 
@@ -196,11 +197,13 @@ def from_dict(raw: dict, overrides: list[str] = (), verbose: bool = True) -> Run
 def read_yaml(path: str | Path, what: str = "config file"):
     """The parsed YAML file at `path`. A missing file, a directory, binary content or a YAML syntax error (as
     file:line:column) is one line naming it (`ConfigError`)."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} " + ("is a directory; give the YAML file" if path.is_dir()
                                                       else "does not exist"))
     try:
+        if storage.is_remote(path):
+            return yaml.safe_load(path.read_bytes().decode("utf-8"))
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except UnicodeDecodeError:

@@ -40,6 +40,8 @@ import jinja2
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from mft_jax import storage
+
 from mft_jax.data.schemas import DroppedExample, row_to_messages
 from mft_jax.data.sources import DataError
 
@@ -73,6 +75,10 @@ def load_tokenizer(path: str | os.PathLike | None):
            "or model.path to a checkpoint directory that contains one")
     if path is None:
         raise DataError(f"no tokenizer directory given; {fix}")
+    if storage.is_remote(path):
+        if not storage.path(path).is_dir():
+            raise DataError(f"tokenizer directory {str(path)!r} does not exist; {fix}")
+        path = storage.local_copy(path)  # transformers reads local files: the small files, cached
     path = Path(os.path.expanduser(str(path)))
     if not path.is_dir():
         raise DataError(f"tokenizer directory {str(path)!r} does not exist; {fix}")
@@ -97,7 +103,7 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over the tokenizer files' contents (for the cache key)."""
     digest = hashlib.sha256()
     prefixes = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens", "vocab", "merges")
-    for file in sorted(Path(path).iterdir()):
+    for file in sorted(storage.local_copy(path).iterdir()):
         if file.is_file() and file.name.startswith(prefixes):
             digest.update(file.name.encode())
             digest.update(file.read_bytes())

@@ -1,6 +1,6 @@
 """Reading SFT rows from local files or the Hugging Face hub, and mixing sources (`dataset_mixer`).
 
-A source is a local `.jsonl` / `.json` / `.parquet` file or a Hugging Face dataset name:
+A source is a local (or gs://) `.jsonl` / `.json` / `.parquet` file or a Hugging Face dataset name:
   org/name                 split "train" (what the reference loads), default config
   org/name:split           e.g. `allenai/tulu-3-sft-mixture:test`: a single `:` always names the split
   org/name:config:split    a config (subset) and a split; `org/name::split` is the default config
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from mft_jax import storage
 from mft_jax.config import ConfigError
 from mft_jax.config.run import DATA_FILE_SUFFIXES as LOCAL_SUFFIXES
 
@@ -41,17 +42,22 @@ class DataError(ConfigError):
 def is_local_source(source: str) -> bool:
     """True when `source` names a local file (it exists, has a data-file suffix, or is written as a path)."""
     return (os.path.exists(os.path.expanduser(source)) or source.endswith(LOCAL_SUFFIXES)
-            or source.startswith(("/", "./", "../", "~")))
+            or source.startswith(("/", "./", "../", "~", storage.REMOTE_PREFIX)))
 
 
 def source_fingerprint(source: str) -> dict:
-    """What identifies a source's content for the cache key: path + size + mtime, or the hub name.
+    """What identifies a source's content for the cache key: path + size + mtime (gs://: the object's size and
+    generation, the same on every host), or the hub name.
 
     Hub datasets are identified by name only (their revision is not pinned), so after an upstream change
     delete the cache directory to rebuild.
     """
     if is_local_source(source):
         path = _check_local(source)
+        if storage.is_remote(source):
+            found = storage.blob(source)
+            found.reload()
+            return {"path": source, "size": found.size, "generation": found.generation}
         stat = path.stat()
         return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     name, config, split = parse_hub_name(source)
@@ -59,7 +65,7 @@ def source_fingerprint(source: str) -> dict:
 
 
 def _check_local(source: str) -> Path:
-    path = Path(os.path.expanduser(source)).resolve()
+    path = storage.path(source) if storage.is_remote(source) else Path(os.path.expanduser(source)).resolve()
     if not path.is_file():
         raise DataError(f"data source {source!r}: file {str(path)!r} does not exist; fix the path in "
                         f"data.train / data.dev (local sources are .jsonl, .json or .parquet files)")
@@ -129,6 +135,9 @@ def _read_json(path: Path) -> list[Any]:
 
 def _read_parquet(path: Path) -> list[dict]:
     try:
+        if storage.is_remote(path):
+            with path.open("rb") as f:
+                return pq.read_table(f).to_pylist()
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for damaged files
         raise DataError(f"data source {str(path)!r}: cannot read Parquet ({e})") from None

@@ -20,12 +20,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mft_jax import storage
 from mft_jax.config import DataConfig
 from mft_jax.data import accounting, formatting, sources
 from mft_jax.data.schemas import DroppedExample
@@ -174,16 +176,23 @@ def build_dataset(data_cfg: DataConfig, tokenizer_path: str | os.PathLike | None
     verbose: print the summary and the per-source table.
     """
     tok_dir = tokenizer_dir(data_cfg, tokenizer_path)
-    if tok_dir is None or not Path(os.path.expanduser(tok_dir)).is_dir():
+    if tok_dir is None or not storage.path(tok_dir).is_dir():
         formatting.load_tokenizer(tok_dir)  # raises the "tokenizer directory ... does not exist" error
-    tok_dir = str(Path(os.path.expanduser(tok_dir)).resolve())
+    if not storage.is_remote(tok_dir):
+        tok_dir = str(Path(os.path.expanduser(tok_dir)).resolve())
     key = cache_key(data_cfg, tok_dir, split)  # also checks that every local source exists
-    cache_dir = Path(os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE_DIR))
+    cache_root = data_cfg.cache_dir or DEFAULT_CACHE_DIR
+    remote = f"{str(cache_root).rstrip('/')}/{split}-{key}" if storage.is_remote(cache_root) else None
+    # A gs:// cache is mirrored on local disk (ArrayRecord files are read by local random access): built there
+    # and uploaded, or downloaded from the bucket when another host or an earlier run built it.
+    cache_dir = storage.local_cache(cache_root) if remote else Path(os.path.expanduser(cache_root))
     data_dir = cache_dir / f"{split}-{key}"
     path = data_dir / BUILDER_NAME / "1.0.0"
-    reused = (path / "metadata.json").is_file()
+    reused = (path / "metadata.json").is_file() or (remote is not None and _download(remote, data_dir))
     if not reused:
         _build(data_cfg, tok_dir, split, key, data_dir, cache_dir, verbose)
+        if remote is not None:
+            _upload(data_dir, remote)
     info = _read_info(data_dir, split, key, reused=reused)
     if verbose:
         print(info.summary())
@@ -251,6 +260,32 @@ def _build(data_cfg: DataConfig, tok_dir: str, split: str, key: str, data_dir: P
         # Another process sharing cache_dir finished the same dataset first (its rename won); theirs is identical.
         if not (data_dir / BUILDER_NAME / "1.0.0" / "metadata.json").is_file():
             raise
+
+
+_COMPLETE = f"{BUILDER_NAME}/1.0.0/metadata.json"  # written last: a dataset without it is incomplete
+
+
+def _upload(data_dir: Path, remote: str) -> None:
+    """Copies a built dataset to the bucket, its metadata.json last (a reader takes it as complete only then)."""
+    files = sorted(str(f.relative_to(data_dir)) for f in data_dir.rglob("*") if f.is_file())
+    for name in sorted(files, key=lambda n: n == _COMPLETE):
+        storage.copy_file(data_dir / name, f"{remote}/{name}")
+
+
+def _download(remote: str, data_dir: Path) -> bool:
+    """Copies a complete dataset from the bucket into the local mirror; False when the bucket has none."""
+    names = storage.objects(remote)
+    if _COMPLETE not in names:
+        return False
+    tmp = data_dir.with_name(f".{data_dir.name}.{os.getpid()}.tmp")
+    for name in names:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        storage.copy_file(f"{remote}/{name}", tmp / name)
+    try:
+        os.rename(tmp, data_dir)
+    except OSError:  # another process on this host mirrored it first; theirs is identical
+        shutil.rmtree(tmp)
+    return True
 
 
 def _read_info(data_dir: Path, split: str, key: str, reused: bool) -> DatasetInfo:
