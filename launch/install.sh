@@ -7,18 +7,24 @@
 #           .venv/mft-jax-compilers (not site-packages), so that ordinary processes never load them; plan workers
 #           put that folder on their path. No GPU, driver or NVIDIA library is needed to compile.
 #   --tpu   adds libtpu of jax's own pin to the environment, for a TPU VM (jax finds no TPU without it).
+#   --no-sandbox  skips installing bubblewrap (see below).
 #   --dry-run  prints the commands instead of running them.
+# The evaluation sandbox (docs/sandbox.md) needs unprivileged user namespaces, or bubblewrap where they are
+# restricted (Ubuntu 24.04's AppArmor lets only bwrap use them): bubblewrap is installed with apt where this
+# user may (root or passwordless sudo), and the last step prints the sandbox's layers here, naming any that is
+# missing with its fix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TEST=0 PLAN=0 TPU=0 DRY=0
+TEST=0 PLAN=0 TPU=0 DRY=0 SANDBOX=1
 for arg in "$@"; do
   case $arg in
     --test) TEST=1 PLAN=1 ;;
     --plan) PLAN=1 ;;
     --tpu) TPU=1 ;;
+    --no-sandbox) SANDBOX=0 ;;
     --dry-run) DRY=1 ;;
-    *) echo "install.sh: unknown option $arg (use --test, --plan, --tpu, --dry-run)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option $arg (use --test, --plan, --tpu, --no-sandbox, --dry-run)" >&2; exit 2 ;;
   esac
 done
 run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }
@@ -61,4 +67,35 @@ if [ "$PLAN" = 1 ]; then
   jax_pins
   # shellcheck disable=SC2086
   run .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/mft-jax-compilers $REPLY
+fi
+if [ "$SANDBOX" = 1 ] && ! command -v bwrap >/dev/null 2>&1; then
+  # bubblewrap: the sandbox's backend where user namespaces need it (Ubuntu 24.04); harmless elsewhere.
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: bubblewrap is not installed and there is no apt-get here: install bubblewrap with the" \
+      "system's package manager if the sandbox check below names user namespaces as missing" >&2
+  else
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+      SUDO="sudo -n"
+      if [ "$DRY" != 1 ] && ! sudo -n true 2>/dev/null; then
+        SUDO=none
+      fi
+    fi
+    if [ "$SUDO" = none ]; then
+      echo "install.sh: bubblewrap is not installed and this user cannot sudo: ask for" \
+        "'apt-get install bubblewrap' if the sandbox check below names user namespaces as missing" >&2
+    else
+      # shellcheck disable=SC2086
+      run $SUDO apt-get install -y -q bubblewrap || { run $SUDO apt-get update -q && run $SUDO apt-get install -y -q bubblewrap; } \
+        || echo "install.sh: warning: apt could not install bubblewrap" >&2
+    fi
+  fi
+fi
+# Which isolation layers model-written code gets on this machine (eval --tasks humaneval); a missing one is
+# named with its fix (code tasks refuse to run without a sandbox unless --allow-unsandboxed-code).
+CHECK="import sys; from mft_jax.evaluate import sandbox; sys.exit(sandbox.main())"
+if [ "$DRY" = 1 ]; then
+  echo "+ .venv/bin/python -c '$CHECK'"
+elif ! .venv/bin/python -c "$CHECK"; then
+  echo "install.sh: warning: no sandbox for code tasks on this machine (see the line above)" >&2
 fi

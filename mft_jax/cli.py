@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mft_jax import config, convert, demo, distributed, export, landscape, memplan, outputs, sweep, train
+from mft_jax import config, convert, demo, distributed, export, landscape, memplan, outputs, storage, sweep, train
 from mft_jax.config import ConfigError
 from mft_jax.data import DataError, add_data_commands
 from mft_jax.evaluate import add_eval_commands
@@ -39,7 +39,7 @@ def _convert(args):
     inputs = [source, args.tokenizer]
     outputs.check_target(args.out, inputs=inputs, overwrite=args.overwrite)
     convert.parse_size(args.max_shard_size)
-    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+    if args.tokenizer is not None and not storage.path(args.tokenizer).is_dir():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such directory")
     if args.from_hf:
         cfg, params = convert.load_hf(args.from_hf, dtype=args.dtype)  # headers and shapes checked first
@@ -66,7 +66,7 @@ def _train(args):
 
 
 def _export(args):
-    if args.baseline is None and Path(args.run).is_file():
+    if args.baseline is None and storage.path(args.run).is_file():
         raise ConfigError(f"{args.run} is a file: export takes a run directory (a run config YAML only with "
                           f"--baseline)")
     if args.baseline is not None and args.step is not None:

@@ -113,13 +113,14 @@ def test_sandbox_limits_and_isolation(tmp_path):
     ], sandbox.Limits(timeout_s=2, cpu_s=2, memory_bytes=1 << 30))
     assert [o.passed for o in outcomes] == [True, False, False, False, False]
     assert outcomes[1].result == "MemoryError"
-    assert "blocked" in outcomes[2].result and victim.exists()
+    # olmes's reliability guard sets os.remove to None; the file is outside the sandbox's view anyway.
+    assert outcomes[2].result == "TypeError: 'NoneType' object is not callable" and victim.read_text() == "x"
     assert outcomes[3].result == "timed out"
     # As olmes's exec check: a clean SystemExit and a hard exit fail; `__name__` is the builtins' own.
     programs = ["import sys; sys.exit(0)", "import os; os._exit(0)", "assert __name__ == 'builtins'"]
     outcomes = sandbox.run_programs(programs, sandbox.Limits(timeout_s=2))
     assert [o.passed for o in outcomes] == [False, False, True]
-    assert outcomes[0].result == "SystemExit: 0" and "blocked" in outcomes[1].result
+    assert outcomes[0].result == "SystemExit: 0" and outcomes[1].result == "exit status 0"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,6 +341,10 @@ def test_eval_and_generate_commands(tiny, tmp_path, capsys):
     assert report["max_new_tokens"] == 8 and report["max_length"] == 2048
     assert results["ifeval"]["primary_score"] == results["ifeval"]["inst_level_loose_acc"]
     assert results["gsm8k"]["truncated_prompts"] == 0
+    # The isolation HumanEval's programs ran under is recorded (docs/sandbox.md).
+    assert report["sandbox"]["humaneval"]["backend"] in ("namespaces", "bubblewrap")
+    assert {"net_ns", "pid_ns", "mount_ns"} <= set(report["sandbox"]["humaneval"]["layers"])
+    assert report["sandbox"]["humaneval"]["allow_unsandboxed_code"] is False
     table = capsys.readouterr().out
     assert "prompt_level_strict_acc" in table and "pass_at_1" in table
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mft_jax import config as config_lib
+from mft_jax import storage
 from mft_jax import evaluate as ev
 from mft_jax import export
 from mft_jax.data import load_tokenizer
@@ -56,7 +57,8 @@ def _loss_data_config(args):
                                          tokenizer=args.tokenizer, cache_dir=args.data_cache_dir)
         data_cfg.validate()
         return data_cfg
-    run_config = Path(args.model.split(":")[0]) / "config.yaml"
+    run_dir = args.model.rpartition(":")[0] if storage.is_remote(args.model) else args.model.split(":")[0]
+    run_config = storage.path(run_dir if run_dir not in ("", "gs") else args.model) / "config.yaml"
     if run_config.is_file():  # a run: its own held-out split
         return config_lib.load(run_config, verbose=False).data
     raise EvalError("eval --tasks loss: give held-out data with --loss-data FILE[,FILE] (or evaluate a run "
@@ -69,11 +71,12 @@ def make_tasks(args) -> list:
         raise ev.EvalError(f"--limit must be > 0, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise ev.EvalError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    unsandboxed = getattr(args, "allow_unsandboxed_code", False)
     builders = {
         "loss": lambda: ev.Loss(_loss_data_config(args)),
         "gsm8k": lambda: ev.GSM8K(args.gsm8k_data),
-        "humaneval": lambda: ev.HumanEval(args.humaneval_data),
-        "humanevalplus": lambda: ev.HumanEvalPlus(args.humanevalplus_data),
+        "humaneval": lambda: ev.HumanEval(args.humaneval_data, allow_unsandboxed_code=unsandboxed),
+        "humanevalplus": lambda: ev.HumanEvalPlus(args.humanevalplus_data, allow_unsandboxed_code=unsandboxed),
         "ifeval": lambda: ev.IFEval(args.ifeval_data),
         "math": lambda: ev.MATH(args.math_data),
         "arith": lambda: ev.Arith(args.arith_data),
@@ -111,6 +114,9 @@ def cmd_eval(args) -> dict:
         report = {"model": args.model, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                   "max_length": args.max_length, "batch_size": args.batch_size,
                   "compute_dtype": str(model.compute_dtype), "generation": settings, "results": results}
+        sandboxes = {t.name: t.sandbox_record() for t in tasks if hasattr(t, "sandbox_record")}
+        if sandboxes:  # the isolation model-written code ran under (docs/sandbox.md)
+            report["sandbox"] = sandboxes
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out} (per-example records in {samples_dir}/)")
@@ -180,3 +186,6 @@ def add_task_args(p: argparse.ArgumentParser, required: bool):
                    help="chat format of --loss-data")
     p.add_argument("--max-seq-length", type=int, default=4096, help="token limit of --loss-data examples")
     p.add_argument("--data-cache-dir", default=None, help="tokenized-data cache (default ~/.cache/mft_jax/data)")
+    p.add_argument("--allow-unsandboxed-code", action="store_true",
+                   help="run humaneval(plus) programs even where no sandbox can be set up (recorded in the results; "
+                        "docs/sandbox.md)")

