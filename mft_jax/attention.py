@@ -9,6 +9,8 @@
 on, never the host's: a step compiled on a CPU host for a TPU topology gets the Mosaic kernel. Attention is causal on the row index
 and stays inside a document: token i sees token j when j <= i and segment_ids[i] == segment_ids[j]. Padding
 (segment 0) therefore attends to earlier padding, the same in every implementation; its loss weight is zero.
+With a sliding `window` (Mistral, Qwen's sliding layers) token i also needs i - j < window: it sees `window`
+keys, itself included (Hugging Face's sliding-window causal mask), in every implementation and the KV cache.
 
 Shape suffixes: B batch, L query length, S key length, H query heads, K key/value heads (H = K * G),
 Dh head dim.
@@ -50,9 +52,11 @@ def resolve(name: str, backend: str, packing: bool) -> str:
 # XLA
 # --------------------------------------------------------------------------------------------------------
 
-def attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S) -> jax.Array:
-    """[B, 1, 1, L, S] bool: causal on row index, and only within the same document."""
+def attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S, window: int | None = None) -> jax.Array:
+    """[B, 1, 1, L, S] bool: causal on row index, and only within the same document (and the window)."""
     causal = kv_index_S[None, None, :] <= q_index_BxL[:, :, None]
+    if window is not None:
+        causal &= q_index_BxL[:, :, None] - kv_index_S[None, None, :] < window
     same_doc = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
     return (causal & same_doc)[:, None, None, :, :]
 
@@ -80,22 +84,28 @@ def splash_block(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_kernel(num_heads: int, length: int, interpret: bool):
-    """A causal splash kernel for [H, L, Dh] inputs (one example; vmapped over the batch). The mask's block
-    structure is computed in numpy (~0.4 s at L = 4096, H = 32), once per shape rather than once per layer."""
+def _splash_kernel(num_heads: int, length: int, interpret: bool, window: int | None = None):
+    """A causal (with `window`: causal and local) splash kernel for [H, L, Dh] inputs (one example; vmapped over
+    the batch). The mask's block structure is computed in numpy (~0.4 s at L = 4096, H = 32), once per shape
+    rather than once per layer."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU only: CPU/GPU never load Pallas
 
     block = splash_block(length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+    if window is not None and window < length:
+        one = splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    else:
+        one = splash.CausalMask((length, length))
+    mask = splash.MultiHeadMask([one] * num_heads)
     with jax.ensure_compile_time_eval():  # concrete mask arrays, not tracers of the first caller's trace
         return splash, splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                               interpret=interpret)
 
 
-def _splash_local(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, interpret: bool):
+def _splash_local(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, interpret: bool,
+                  window: int | None = None):
     """Splash attention on one device's shard. GQA without repeating K/V: the kernel maps query head h to key
     head h // G. Lengths that are not a multiple of 128 are padded at the end; causality keeps the padded keys
     out of every real query's view and the padded queries are dropped."""
@@ -105,7 +115,7 @@ def _splash_local(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, interp
         jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
         for x in (q_BxLxHxDh * (q_BxLxHxDh.shape[-1] ** -0.5), k_BxLxKxDh, v_BxLxKxDh))  # the kernel does not scale
     segment_ids_BxL = jnp.pad(segment_ids_BxL.astype(jnp.int32), ((0, 0), (0, padded - length)))
-    splash, kernel = _splash_kernel(q_BxHxLxDh.shape[1], padded, interpret)
+    splash, kernel = _splash_kernel(q_BxHxLxDh.shape[1], padded, interpret, window)
     segments = splash.SegmentIds(q=segment_ids_BxL, kv=segment_ids_BxL)
     out_BxHxLxDh = jax.vmap(kernel)(q_BxHxLxDh, k_BxKxLxDh, v_BxKxLxDh, segment_ids=segments)
     return out_BxHxLxDh.transpose(0, 2, 1, 3)[:, :length]
@@ -131,7 +141,8 @@ def _splash_specs(q_shape, kv_shape, mesh) -> tuple[P, P, P]:
     return P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
 
 
-def splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, interpret: bool | None = None):
+def splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, interpret: bool | None = None,
+                     window: int | None = None):
     """Causal self-attention within segments through the splash kernel; [B, L, H, Dh] in q's dtype.
 
     Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map over the mesh axes that the logical axis rules
@@ -141,7 +152,7 @@ def splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, int
     """
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    local = functools.partial(_splash_local, interpret=interpret)
+    local = functools.partial(_splash_local, interpret=interpret, window=window)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL)
@@ -155,20 +166,25 @@ def splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL, *, int
 # Dispatch
 # --------------------------------------------------------------------------------------------------------
 
-def causal_self_attention(name: str, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL) -> jax.Array:
-    """Attention of a whole sequence (no cache) with implementation `name` (see `resolve`); [B, L, H, Dh]."""
+def causal_self_attention(name: str, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL,
+                          window: int | None = None) -> jax.Array:
+    """Attention of a whole sequence (no cache) with implementation `name` (see `resolve`); [B, L, H, Dh].
+    window: the sliding window (None or >= the length: plain causal attention)."""
+    if window is not None and window >= q_BxLxHxDh.shape[1]:
+        window = None  # no query reaches past it: the same as causal
     if name == "xla":
         index_L = jnp.arange(q_BxLxHxDh.shape[1])
         index_BxL = jnp.broadcast_to(index_L, segment_ids_BxL.shape)
-        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, index_BxL, index_L)
+        mask = attention_mask(segment_ids_BxL, segment_ids_BxL, index_BxL, index_L, window)
         return dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask)
     if name == "cudnn":
         # causal only: the batch must hold one right-padded document per row (padding queries produce values
         # whose loss weight is zero)
         return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, is_causal=True,
+                                            local_window_size=None if window is None else (window - 1, 0),
                                             implementation="cudnn")
     if name in ("splash", "splash_interpret"):
         return splash_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL,
-                                interpret=name == "splash_interpret")
+                                interpret=name == "splash_interpret", window=window)
     raise ValueError(f"attention: unknown implementation {name!r}; use one of {', '.join(NAMES)} "
                      f"(resolve 'auto' with attention.resolve first)")

@@ -60,6 +60,16 @@ MODELS = {
                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, dtype="bfloat16"),
     "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, dtype="bfloat16"),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=1e6,
+                       dtype="bfloat16"),  # v0.3: no sliding window
+    "qwen2.5-7b": dict(model_type="qwen2", qkv_bias=True, vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
+                       rms_norm_eps=1e-6, dtype="bfloat16"),
+    "qwen3-8b": dict(model_type="qwen3", qk_norm=True, vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rope_theta=1e6, dtype="bfloat16"),
 }
 
 # The CPU compiler standing in for an accelerator's: no fp32 copies of 16-bit matmuls (see `_f16_for_bf16`), and

@@ -1,8 +1,10 @@
-"""Llama in Flax Linen: a pure function of (config, params, tokens).
+"""Llama in Flax Linen: a pure function of (config, params, tokens). Mistral, Qwen2 / 2.5 and Qwen3 are the same
+model with the config's switches (q/k/v bias, per-head q/k norm, sliding window; mft_jax.config.families).
 
 The params pytree mirrors Hugging Face's module names, so the converter is a transpose per tensor:
 `embed_tokens` [V, D], `layers_{i}/{input_layernorm,post_attention_layernorm}/scale`,
-`layers_{i}/self_attn/{q,k,v,o}_proj/{kernel,bias}`, `layers_{i}/mlp/{gate,up,down}_proj/{kernel,bias}`,
+`layers_{i}/self_attn/{q,k,v,o}_proj/{kernel,bias}`, `layers_{i}/self_attn/{q,k}_norm/scale` (qk_norm),
+`layers_{i}/mlp/{gate,up,down}_proj/{kernel,bias}`,
 `norm/scale`, `lm_head/kernel` (absent with tied embeddings). Kernels are [in, out] (HF stores [out, in]).
 Every param carries logical axis names (`param_logical_axes`); `mft_jax.sharding` maps them to mesh axes.
 
@@ -169,31 +171,36 @@ class Attention(nn.Module):
     attention: str = "xla"
     lora: tuple[float, float] | None = None
     fp32_weight_grads: bool = False
+    window: int | None = None  # this layer's sliding window (cfg.window(i))
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = functools.partial(Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, lora=self.lora,
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
                                   fp32_weight_grads=self.fp32_weight_grads)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias  # Qwen2: bias on q, k, v but not o
         b, l, _ = x_BxLxD.shape
-        q = dense(h * dh, ("embed", "q_heads"), name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
-        k = dense(kv * dh, ("embed", "kv_heads"), name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
-        v = dense(kv * dh, ("embed", "kv_heads"), name="v_proj")(x_BxLxD).reshape(b, l, kv, dh)
+        q = dense(h * dh, ("embed", "q_heads"), use_bias=qkv_bias, name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
+        k = dense(kv * dh, ("embed", "kv_heads"), use_bias=qkv_bias, name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
+        v = dense(kv * dh, ("embed", "kv_heads"), use_bias=qkv_bias, name="v_proj")(x_BxLxD).reshape(b, l, kv, dh)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's Dh features, before rope
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:  # the training / scoring path: the implementation chosen by `model.attention`
-            out = attention_lib.causal_self_attention(self.attention, q, k, v, q_segment_BxL)
+            out = attention_lib.causal_self_attention(self.attention, q, k, v, q_segment_BxL, self.window)
             new_cache = None
         else:  # decoding: write this chunk into the cache at cache_index, attend over the whole cache (XLA)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k, "v": v}
             mask = attention_lib.attention_mask(q_segment_BxL, cache["segment_ids"], q_index_BxL,
-                                                jnp.arange(k.shape[1]))
+                                                jnp.arange(k.shape[1]), self.window)
             out = attention_lib.dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
-        out = dense(cfg.hidden_size, ("q_heads", "embed"), name="o_proj")(out.reshape(b, l, h * dh))
+        out = dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=cfg.attention_bias,
+                    name="o_proj")(out.reshape(b, l, h * dh))
         return out, new_cache
 
 
@@ -221,13 +228,14 @@ class DecoderLayer(nn.Module):
     attention: str = "xla"
     lora: tuple[float, float] | None = None
     fp32_weight_grads: bool = False
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
-                                        self.fp32_weight_grads, name="self_attn")(
+                                        self.fp32_weight_grads, self.window, name="self_attn")(
             norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + attn_out
         mlp = MLP(cfg, self.dtype, self.param_dtype, self.lora, self.fp32_weight_grads, name="mlp")
@@ -286,7 +294,7 @@ class Llama(nn.Module):
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "segment_ids": cache["segment_ids"]}
             x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
-                                                 self.fp32_weight_grads,
+                                                 self.fp32_weight_grads, cfg.window(i),
                                                  name=f"layers_{i}")(x_BxLxD, cos, sin, segment_ids_BxL,
                                                                      q_index_BxL, layer_cache, cache_index)
             new_layers.append(new_layer_cache)

@@ -40,7 +40,7 @@ def _break(kind: str):
 
 
 def compile_case(case: dict) -> dict:
-    cfg = config.LlamaConfig(**TINY)
+    cfg = config.LlamaConfig(**{**TINY, **case.get("model", {})})  # "model": another family's switches
     run = config.from_dict({
         "model": {"path": "(random)", "dtype": "bfloat16", "compute_dtype": "bfloat16", "attention": "auto",
                   "remat": case.get("remat", "dots_attention")},

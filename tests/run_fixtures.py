@@ -29,8 +29,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_model_dir(root: Path, *, num_layers: int = 4, hidden: int = 32, dtype=jnp.float32, seed: int = 0) -> Path:
-    """A random tiny Llama with its tokenizer, as a HF checkpoint directory."""
+def make_model_dir(root: Path, *, num_layers: int = 4, hidden: int = 32, dtype=jnp.float32, seed: int = 0,
+                   **switches) -> Path:
+    """A random tiny Llama (or, with `switches` such as model_type="qwen3", qk_norm=True, another family) with its
+    tokenizer, as a HF checkpoint directory."""
     root.mkdir(parents=True, exist_ok=True)
     texts = [m["content"] for r in chat_rows(300, seed=99) for m in r["messages"]]
     tok_dir = train_bpe_tokenizer(texts, 128, root / "tokenizer")
@@ -38,7 +40,7 @@ def make_model_dir(root: Path, *, num_layers: int = 4, hidden: int = 32, dtype=j
     cfg = config.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                             dtype=jnp.dtype(dtype).name)
+                             dtype=jnp.dtype(dtype).name, **switches)
     params = model.init_params(cfg, jax.random.key(seed), dtype)
     return convert.save_hf(cfg, params, root / "hf", tokenizer_dir=tok_dir)
 

@@ -66,10 +66,10 @@ def _qkv(batch, length, heads, kv_heads, head_dim, seed):
             jax.random.normal(keys[2], (batch, length, kv_heads, head_dim)))
 
 
-def _value_and_grads(name, q, k, v, segment_ids, weights):
+def _value_and_grads(name, q, k, v, segment_ids, weights, window=None):
     """Outputs and d(sum(weights * out))/d(q, k, v) of one implementation."""
     def scalar(q, k, v):
-        out = attention.causal_self_attention(name, q, k, v, segment_ids)
+        out = attention.causal_self_attention(name, q, k, v, segment_ids, window)
         return jnp.sum(out * weights), out
     (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, grads
@@ -100,6 +100,31 @@ def test_splash_equals_xla(length, heads, kv_heads, head_dim, packed):
     if packed:
         causal_only = attention.causal_self_attention("xla", q, k, v, jnp.ones_like(segment_ids))
         assert float(jnp.abs(causal_only - out_s).max()) > 1e-2
+
+
+@pytest.mark.parametrize("window, packed", [(100, True), (37, False)])
+def test_sliding_window_splash_equals_xla_and_a_direct_mask(window, packed):
+    """Mistral's sliding window (a query sees `window` keys, itself included) in splash equals XLA's, outputs and
+    gradients, across the kernel's 128 blocks; XLA's equals attention under a mask built here directly."""
+    length = 256
+    q, k, v = _qkv(2, length, 4, 2, 64, seed=window)
+    segment_ids = jnp.asarray(_segments(2, length, packed, seed=window))
+    weights = jax.random.normal(jax.random.key(window), q.shape)
+    out_x, grads_x = _value_and_grads("xla", q, k, v, segment_ids, weights, window)
+    out_s, grads_s = _value_and_grads("splash_interpret", q, k, v, segment_ids, weights, window)
+    _assert_rel(out_s, out_x, OUT_REL, "outputs")
+    for name, a, b in zip("qkv", grads_s, grads_x):
+        _assert_rel(a, b, GRAD_REL, f"d/d{name}")
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    seg = np.asarray(segment_ids)
+    mask = (j <= i) & (i - j < window) & (seg[:, :, None] == seg[:, None, :])
+    direct = attention.dot_product_attention(q, k, v, jnp.asarray(mask)[:, None, None])
+    windowed = attention.causal_self_attention("xla", q, k, v, segment_ids, window)  # eager, as `direct`
+    np.testing.assert_array_equal(np.asarray(windowed), np.asarray(direct))  # the same ops on the same mask
+    full = attention.causal_self_attention("xla", q, k, v, segment_ids)
+    assert float(jnp.abs(full - windowed).max()) > 1e-2  # the window changed the result: the test can fail
+    same = attention.causal_self_attention("xla", q, k, v, segment_ids, length)  # a window >= L is no window
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(full))
 
 
 def test_splash_block_sizes():

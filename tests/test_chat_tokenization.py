@@ -150,9 +150,10 @@ def tokenizers(request):
 # The oracle
 # ------------------------------------------------------------------------------------------------------------
 
-def reference_encode(tokenizer, messages: list[dict], max_seq_length: int, add_bos: bool) -> tuple[list, list]:
+def reference_encode(tokenizer, messages: list[dict], max_seq_length: int, add_bos: bool,
+                     template: str = REFERENCE_TULU) -> tuple[list, list]:
     """(input_ids, labels) as the reference's encode_sft_example computes them (labels -100 where masked)."""
-    tokenizer.chat_template = ("{{ bos_token }}" if add_bos else "") + REFERENCE_TULU
+    tokenizer.chat_template = ("{{ bos_token }}" if add_bos else "") + template
 
     def ids(conversation, add_generation_prompt):
         return list(tokenizer.apply_chat_template(conversation, tokenize=True, truncation=True,
@@ -265,6 +266,59 @@ def test_templates_render_identically(tokenizers):
                 oracle.chat_template = template
                 assert oracle.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=generation_prompt) == ours_text
+
+
+# Qwen2 / 2.5's ChatML template for conversations without tools, written out from its behaviour: a default
+# system turn when the conversation has none, every turn `<|im_start|>ROLE\nCONTENT<|im_end|>\n`, and
+# `<|im_start|>assistant\n` as the generation prompt.
+QWEN_CHATML = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.'"
+    " + '<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (m['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chatml_dir(llama3_dir, tmp_path_factory) -> Path:
+    """A byte-level BPE (Llama 3's tiktoken ranks, the kind of tokenizer Qwen's is) set up as Qwen's instruct
+    tokenizers are: ChatML's special tokens, EOS <|im_end|>, no BOS, and the ChatML template as its own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = QWEN_CHATML
+    out = tmp_path_factory.mktemp("chatml_tok")
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_chat_template_chatml_equals_the_reference(chatml_dir, name):
+    """data.template: chat_template renders the tokenizer's own template (ChatML here, as Qwen's): ids and targets
+    equal the reference's encode_sft_example over that template, whole and truncated inside turns."""
+    from transformers import AutoTokenizer
+
+    ours, oracle = load_tokenizer(chatml_dir), AutoTokenizer.from_pretrained(str(chatml_dir))
+    assert ours.chat_template == QWEN_CHATML
+    messages = CONVERSATIONS[name]
+    _, full_labels = reference_encode(oracle, messages, 4096, False, QWEN_CHATML)
+    for cut in [4096, *cut_points(full_labels).values()]:
+        want_ids, want_labels = reference_encode(oracle, messages, cut, False, QWEN_CHATML)
+        want_targets = [label != -100 for label in want_labels]
+        want_targets[:1] = [False]
+        if not any(want_targets):
+            with pytest.raises(DroppedExample):
+                tokenize_example(messages, ours, "chat_template", max_seq_length=cut)
+            continue
+        ids_N, labels_N = tokenize_example(messages, ours, "chat_template", max_seq_length=cut)
+        assert ids_N.tolist() == want_ids, cut
+        assert labels_N.tolist() == want_targets, cut
+    assert "<|im_start|>" in ours.decode(tokenize_example(messages, ours, "chat_template")[0])
 
 
 def test_llama3_conversion_is_tiktoken(llama3_dir):

@@ -41,6 +41,16 @@ CASES = {
     "gpu8_mft": {"hardware": "8xH100-80GB", "mesh": [1, 8, 1], "mode": "mft", "rows": 8},
     "gpu8_fft": {"hardware": "8xH100-80GB", "mesh": [1, 8, 1], "mode": "fft", "rows": 8},
     "gpu8_lora": {"hardware": "8xH100-80GB", "mesh": [1, 8, 1], "mode": "lora", "rows": 8},
+    # Other families (mft_jax.config.families): Mistral's sliding window (64 of 256 positions) in the splash and
+    # cuDNN kernels; Qwen3's per-head q/k norms with head_dim != hidden / heads; Qwen2's q/k/v biases.
+    "tpu_mistral_window": {"hardware": "v5p-8", "mesh": [1, 4, 1], "mode": "mft", "rows": 4,
+                           "model": {"model_type": "mistral", "sliding_window": 64}},
+    "gpu_mistral_window": {"hardware": "1xH100-80GB", "mesh": [1, 1, 1], "mode": "mft", "rows": 2,
+                           "model": {"model_type": "mistral", "sliding_window": 64}},
+    "tpu_qwen3": {"hardware": "v5p-8", "mesh": [1, 4, 1], "mode": "mft", "rows": 4,
+                  "model": {"model_type": "qwen3", "qk_norm": True, "head_dim": 128}},
+    "gpu_qwen2": {"hardware": "1xH100-80GB", "mesh": [1, 1, 1], "mode": "mft", "rows": 2,
+                  "model": {"model_type": "qwen2", "qkv_bias": True, "tie_word_embeddings": True}},
 }
 MISSING = {p: targets.missing_compiler_message(p) for p in ("tpu", "gpu") if not targets.compiler_available(p)}
 
@@ -73,7 +83,8 @@ def _per_micro(case, kind: str) -> float:
     return case["attention_kernels"].get(kind, 0) / MICRO_BATCHES
 
 
-@pytest.mark.parametrize("name", ["tpu_mft", "tpu_fft", "tpu_lora", "gpu_mft", "gpu8_mft", "gpu8_fft", "gpu8_lora"])
+@pytest.mark.parametrize("name", ["tpu_mft", "tpu_fft", "tpu_lora", "gpu_mft", "gpu8_mft", "gpu8_fft", "gpu8_lora",
+                                  "tpu_mistral_window", "gpu_mistral_window", "tpu_qwen3", "gpu_qwen2"])
 def test_the_targets_attention_kernel_is_compiled(compiled, name):
     case = _case(compiled, name)
     kernel = "tpu_custom_call" if _platform(name) == "tpu" else "__cudnn$fmhaSoftmax"

@@ -21,6 +21,8 @@ REFERENCE_MIXTURES = {
 }
 MASKED_LAYERS = {"math": [4, 5, 6, 7], "code": [20, 21, 22, 23], "if": [0, 1, 2, 3]}
 PAPER_CONFIGS = sorted(p.name for p in CONFIGS.glob("llama*.yaml"))
+# The paper's math MFT recipe on the other families (mft_jax.config.families).
+FAMILY_CONFIGS = ["mistral-7b-math-mft.yaml", "qwen25-7b-math-mft.yaml", "qwen3-8b-math-mft.yaml"]
 
 
 def _domain(name: str) -> str:
@@ -29,7 +31,7 @@ def _domain(name: str) -> str:
 
 def test_every_shipped_config_loads():
     names = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "demo.yaml")  # demo.yaml: mft_jax.demo's
-    assert names == sorted(PAPER_CONFIGS + ["tiny-cpu.yaml"])
+    assert names == sorted(PAPER_CONFIGS + FAMILY_CONFIGS + ["tiny-cpu.yaml"])
     for name in names:
         assert config.load(CONFIGS / name, verbose=False).run_dir == f"runs/{name[:-5]}"
 
@@ -73,3 +75,15 @@ def test_sources_resolve_to_hub_datasets(name):
         assert not sources.is_local_source(source), source
         org_name, dataset_config, split = sources.parse_hub_name(source)
         assert (org_name, dataset_config, split) == (source, None, "train")
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_family_configs_are_the_math_mft_recipe(name):
+    """The Llama-2-7B math MFT settings (mask, data mixture, optimizer, batch) with only the model, run_dir and the
+    template (the tokenizer's own for the Qwen instruct families) changed."""
+    paper = config.load(CONFIGS / "llama31-8b-math-mft.yaml", verbose=False).to_dict()
+    ours = config.load(CONFIGS / name, verbose=False).to_dict()
+    for section in ("mask", "optim", "train", "ckpt", "mesh"):
+        assert ours[section] == paper[section], section
+    assert ours["data"] == {**paper["data"], "template": "chat_template" if "qwen" in name else "tulu"}
+    assert list(ours["data"]["train"].items()) == list(REFERENCE_MIXTURES["math"].items())

@@ -152,7 +152,7 @@ def test_hf_config_formats_agree():
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "gemma"}, "model_type"),  # families other than Llama's: tests/test_families.py
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])

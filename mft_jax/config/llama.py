@@ -1,4 +1,5 @@
-"""`LlamaConfig`: every field of a Hugging Face Llama `config.json` that changes the math.
+"""`LlamaConfig`: every field of a Hugging Face `config.json` that changes the math, for Llama and the families
+that are Llama with switches (Mistral, Qwen2 / 2.5, Qwen3: `mft_jax.config.families`).
 
 It reads the format transformers 4.x wrote (`rope_theta`, `rope_scaling`, `torch_dtype`) and the one
 transformers 5 writes (`rope_parameters`, `dtype`), and writes the 4.x format, which both generations load.
@@ -10,16 +11,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from mft_jax.config import families
 from mft_jax.config.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "linear", "llama3")
-_LLAMA_MODEL_TYPES = ("llama",)
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """A Llama-family architecture. Field names follow Hugging Face's `LlamaConfig`."""
+    """A Llama-family architecture. Field names follow Hugging Face's `LlamaConfig`; the switches after
+    `pad_token_id` are the other families' (see mft_jax.config.families)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -41,6 +43,11 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     dtype: str = "float32"  # the checkpoint's storage dtype
+    model_type: str = "llama"  # the family (config.json's model_type), written back on export
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2); attention_bias is on q, k, v and o
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rope (Qwen3)
+    sliding_window: int | None = None  # a query sees this many keys (itself included) on the sliding layers
+    max_window_layers: int = 0  # layers from this one on slide (Qwen's max_window_layers; 0: every layer)
 
     def __post_init__(self):
         # Normalise derived fields so that equal architectures compare equal.
@@ -73,6 +80,14 @@ class LlamaConfig:
             raise ConfigError(f"model config: rope_theta must be > 0, got {self.rope_theta}")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"model config: dtype {self.dtype!r} is not one of {_DTYPES}")
+        families.family(self.model_type)
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"model config: sliding_window must be a positive integer or null, got "
+                              f"{self.sliding_window!r}")
+        if not isinstance(self.max_window_layers, int) or self.max_window_layers < 0:
+            raise ConfigError(f"model config: max_window_layers must be an integer >= 0, got "
+                              f"{self.max_window_layers!r}")
+        families.check_switches(self)
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type")
             if rope_type not in _ROPE_TYPES:
@@ -89,6 +104,10 @@ class LlamaConfig:
     def __hash__(self):  # hashable despite the rope_scaling dict, so jit can take it as a static argument
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, or None (full causal attention)."""
+        return self.sliding_window if layer >= self.max_window_layers else None
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -101,13 +120,11 @@ class LlamaConfig:
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Reads a Hugging Face `config.json` dict (transformers 4.x or 5.x format)."""
         model_type = hf.get("model_type", "llama")
-        if model_type not in _LLAMA_MODEL_TYPES:
-            raise ConfigError(
-                f"config.json: model_type {model_type!r} is not supported; mft_jax converts Llama-family "
-                f"checkpoints (model_type 'llama': Llama 2, 3, 3.1, 3.2 and their fine-tunes)")
+        family = families.family(model_type)
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"config.json: hidden_act {act!r} is not supported; Llama uses 'silu'")
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported; the {model_type} family uses "
+                              f"'silu'")
         # transformers 5 keeps rope_theta inside rope_parameters; 4.x has rope_theta + rope_scaling.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling")
         rope_theta = hf.get("rope_theta")
@@ -141,12 +158,12 @@ class LlamaConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             dtype=dtype,
+            model_type=model_type,
+            **family.read(hf),
         )
 
     def to_hf(self) -> dict:
@@ -177,4 +194,8 @@ class LlamaConfig:
             "use_cache": True,
             "torch_dtype": self.dtype,
         }
+        if self.model_type != "llama":  # the family's own keys in place of Llama's biases
+            family = families.family(self.model_type)
+            del out["attention_bias"], out["mlp_bias"]
+            out.update(architectures=[family.architecture], model_type=family.model_type, **family.write(self))
         return out

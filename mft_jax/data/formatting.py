@@ -87,7 +87,8 @@ def load_tokenizer(path: str | os.PathLike | None):
     from transformers import AutoTokenizer  # heavy: ~4 s to import; only loading a tokenizer needs it
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # mistral_format=False: a Mistral checkpoint's tokenizer.json, not mistral-common's tekken.json backend
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, mistral_format=False)
     except Exception as e:  # transformers raises many types for broken files
         raise DataError(f"tokenizer directory {str(path)!r} could not be loaded ({type(e).__name__}: {e}); "
                         f"{fix}") from None
