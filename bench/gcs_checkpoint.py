@@ -6,8 +6,8 @@ layers so that a smaller machine can write a part of it (the figure is per GB ei
 random (a compressor gains nothing, as with real scores); the restored state is checked against the written
 one (checksums). Prints one JSON line.
 
-    python bench/gcs_checkpoint.py                 # the whole 7B MFT state (about 9.7 GB)
-    python bench/gcs_checkpoint.py --layers 1      # one masked layer of it
+    python bench/gcs_checkpoint.py                 # the whole 7B MFT state (9.71 GB; needs ~20 GB of RAM + the save)
+    python bench/gcs_checkpoint.py --layers 2      # two masked layers of it (4.86 GB)
 """
 
 from __future__ import annotations
