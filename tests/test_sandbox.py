@@ -35,6 +35,7 @@ import pytest
 
 from mft_jax.evaluate import sandbox
 
+ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).parent / "sandbox_redteam_driver.py"
 NOBODY = 65534
 SURVIVOR_DELAY_S = 2  # the survivors write this long after the program returned; the test waits longer
@@ -316,11 +317,32 @@ def score(arena: Arena, programs: list[str], env_extra: dict | None = None, allo
             env[name] = os.environ[name]
     env.update(env_extra or {})
     kwargs = {"user": arena.owner, "group": arena.owner, "extra_groups": []} if arena.owner is not None else {}
-    run = subprocess.run([_interpreter(arena.owner), str(DRIVER), str(source), str(out)]
-                         + (["--allow-unsandboxed-code"] if allow else []), env=env, cwd=str(arena.root),
-                         capture_output=True, text=True, timeout=300, **kwargs)
+    code = _readable_code() if arena.owner is not None else None
+    try:
+        driver = DRIVER if code is None else code / "tests" / DRIVER.name
+        run = subprocess.run([_interpreter(arena.owner), str(driver), str(source), str(out)]
+                             + (["--allow-unsandboxed-code"] if allow else []), env=env, cwd=str(arena.root),
+                             capture_output=True, text=True, timeout=300, **kwargs)
+    finally:
+        if code is not None:
+            shutil.rmtree(code, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def _readable_code() -> Path:
+    """The driver and the sandbox's two modules copied where another user can read them: the checkout may lie
+    below a directory only root may enter (/root, or mktemp's 0700 directories where CI clones)."""
+    code = Path(tempfile.mkdtemp(prefix="mft_jax_redteam_code_"))
+    sources = [DRIVER, ROOT / "mft_jax" / "evaluate" / "sandbox.py", ROOT / "mft_jax" / "evaluate" / "sandbox_child.py"]
+    for source in sources:
+        target = code / source.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        target.chmod(0o644)
+    for directory in [code, *[p for p in code.rglob("*") if p.is_dir()]]:
+        directory.chmod(0o755)
+    return code
 
 
 def users() -> list:
