@@ -313,17 +313,34 @@ def _to_host(tree):
     return None if tree is None else jax.tree.map(one, tree)
 
 
-def load_model(spec: str) -> tuple[LlamaConfig, dict, str | None]:
-    """A HF checkpoint directory, or RUN_DIR[:STEP] with the run's masks applied on the fly (no export).
-
-    Returns (model config, params to run, tokenizer directory)."""
+def _split_spec(spec: str) -> tuple[str, str]:
+    """RUN_DIR[:STEP] or a HF directory -> (path, step or "")."""
     if storage.is_remote(spec):  # gs://RUN:STEP: the step follows the last colon
         head, _, tail = spec.rpartition(":")
-        path, step = (head, tail) if tail.isdigit() and head != "gs" else (spec, "")
-    else:
-        path, _, step = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    if (storage.path(path) / "config.yaml").is_file() and (storage.path(path) / "checkpoints").is_dir():
-        run, cfg, params, layout, state = restore_run(path, int(step) if step else None)
+        return (head, tail) if tail.isdigit() and head != "gs" else (spec, "")
+    return spec.partition(":")[::2] if not Path(spec).exists() else (spec, "")
+
+
+def _is_run(path: str) -> bool:
+    return (storage.path(path) / "config.yaml").is_file() and (storage.path(path) / "checkpoints").is_dir()
+
+
+def model_mesh_config(spec: str) -> config_lib.MeshConfig:
+    """The mesh a model is evaluated on by default: a run's own mesh section, else every device on `data`."""
+    path, _ = _split_spec(spec)
+    return load_run_config(path).mesh if _is_run(path) else config_lib.MeshConfig()
+
+
+def load_model(spec: str, mesh=None) -> tuple[LlamaConfig, dict, str | None]:
+    """A HF checkpoint directory, or RUN_DIR[:STEP] with the run's masks applied on the fly (no export).
+
+    With `mesh`, the params are placed by the project's sharding rules (`sharding.param_shardings`: fsdp and
+    tensor axes): a HF directory is read straight into those shards (each host reads only its devices' rows),
+    a run is restored onto them. Returns (model config, params to run, tokenizer directory)."""
+    path, step = _split_spec(spec)
+    if _is_run(path):
+        run, cfg, params, layout, state = restore_run(path, int(step) if step else None, mesh=mesh)
         return cfg, layout.dense(params, state), run.data.tokenizer or _tokenizer_dir(run.model.path)
-    cfg, params = convert.load_any(path)
+    shardings = None if mesh is None else sharding.param_shardings(convert.load_config(path), mesh)
+    cfg, params = convert.load_any(path, shardings=shardings)
     return cfg, params, _tokenizer_dir(path)

@@ -28,6 +28,7 @@ Shape suffixes: B batch, Lp padded prompt length, N new-token buffer, S = Lp + N
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mft_jax import model as model_lib
+from mft_jax import sharding
 from mft_jax.config import LlamaConfig
 from mft_jax.sharding import BATCH_AXES
 
@@ -309,10 +311,16 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
             rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(batch_axes)))
             batch = [jax.device_put(x, rows_sharding) for x in batch]
         contexts = [prompts[i][-_CONTEXT_TOKENS:] for i in rows]
-        tokens_BxN, step = _run_batch(cfg, params, *batch, eos_E, temperature, top_p,
-                                      max_new_tokens=max_new_tokens, stop_strings=stop_strings,
-                                      tokenizer=tokenizer, stop_check_every=stop_check_every, static=static,
-                                      contexts=contexts)
+        # On a mesh the model's logical constraints apply: activations and the KV cache keep their rows on the
+        # data axes and their heads on the tensor axis, as the params' shardings imply.
+        with contextlib.ExitStack() as scope:
+            if mesh is not None:
+                scope.enter_context(sharding.axis_rules())
+                scope.enter_context(jax.set_mesh(mesh))
+            tokens_BxN, step = _run_batch(cfg, params, *batch, eos_E, temperature, top_p,
+                                          max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                                          tokenizer=tokenizer, stop_check_every=stop_check_every, static=static,
+                                          contexts=contexts)
         for r, i in enumerate(rows):
             out = _cut_at_eos(tokens_BxN[r, :step].tolist(), set(eos))
             cut = _first_stop(out, stop_strings, tokenizer, contexts[r]) if stop_strings else None

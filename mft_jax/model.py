@@ -384,8 +384,13 @@ def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_id
 def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty KV cache of `max_len` positions: per layer k, v [B, S, K, Dh]; segment_ids [B, S] (0 = empty)."""
     shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
-    return {"layers": layers, "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32)}
+
+    def zeros(shape, dtype, axes):  # rows on the data axes, heads on the tensor axis (under sharding.axis_rules)
+        return nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
+
+    layers = [{"k": zeros(shape, dtype, ("batch", "length", "kv_heads", None)),
+               "v": zeros(shape, dtype, ("batch", "length", "kv_heads", None))} for _ in range(cfg.num_hidden_layers)]
+    return {"layers": layers, "segment_ids": zeros((batch_size, max_len), jnp.int32, ("batch", "length"))}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "last_only"), donate_argnames=("cache",))

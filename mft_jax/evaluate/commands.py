@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mft_jax import config as config_lib
-from mft_jax import storage
+from mft_jax import sharding, storage
 from mft_jax import evaluate as ev
 from mft_jax import export
 from mft_jax.data import load_tokenizer
@@ -26,9 +26,36 @@ from mft_jax.evaluate.base import EvalError, EvalModel
 from mft_jax.generate import generate_text
 
 
-def load_model(spec: str):
-    """(LlamaConfig, params, tokenizer_dir) for a HF directory or RUN_DIR[:STEP]."""
-    return export.load_model(spec)
+def load_model(spec: str, mesh=None):
+    """(LlamaConfig, params, tokenizer_dir) for a HF directory or RUN_DIR[:STEP], placed on `mesh`."""
+    return export.load_model(spec, mesh)
+
+
+def eval_mesh(args):
+    """The mesh `eval` / `generate` run on: --mesh D,F,T, else a run's own mesh section, else every device on the
+    data axis. Params are sharded by the fsdp and tensor axes, each batch's prompts split over data and fsdp."""
+    text = getattr(args, "mesh", None)
+    if text:
+        try:
+            sizes = [int(x) for x in text.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != 3:
+            raise config_lib.ConfigError(f"--mesh {text!r}: give D,F,T (data, fsdp, tensor sizes; one may be -1), "
+                                         f"e.g. --mesh 1,8,1")
+        mesh_cfg = config_lib.MeshConfig(*sizes)
+        mesh_cfg.validate()
+    else:
+        mesh_cfg = export.model_mesh_config(args.model)
+    # Several processes do not yet evaluate together: each uses the devices of its own host (as before).
+    devices = jax.local_devices() if jax.process_count() > 1 else None
+    try:
+        return sharding.make_mesh(mesh_cfg, devices)
+    except config_lib.ConfigError as e:
+        if text:
+            raise config_lib.ConfigError(f"--mesh {text}: {e}") from None
+        print(f"note: the run's mesh does not fit this machine ({e}); evaluating on every device as data parallel")
+        return sharding.make_mesh(config_lib.MeshConfig(), devices)
 
 
 def _compute_dtype(name: str | None):
@@ -39,15 +66,18 @@ def _compute_dtype(name: str | None):
 
 def eval_model(args, tokenizer_needed: bool = True):
     """The EvalModel of --model with the decode options of `args` (eval, generate and `mft-jax sweep`)."""
-    cfg, params, tokenizer_dir = load_model(args.model)
+    mesh = eval_mesh(args)
+    cfg, params, tokenizer_dir = load_model(args.model, mesh)
     tokenizer = None
     if tokenizer_needed:
         if not (args.tokenizer or tokenizer_dir):
             raise EvalError(f"--model {args.model!r} comes with no tokenizer files; pass --tokenizer DIR")
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+    # --batch-size is per data shard: a batch holds that many prompts for each shard of the data axes
     return EvalModel(cfg, params, tokenizer, tokenizer_dir=args.tokenizer or tokenizer_dir,
-                     compute_dtype=_compute_dtype(args.compute_dtype), batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, max_length=getattr(args, "max_length", None))
+                     compute_dtype=_compute_dtype(args.compute_dtype),
+                     batch_size=args.batch_size * sharding.data_parallel_size(mesh),
+                     max_new_tokens=args.max_new_tokens, max_length=getattr(args, "max_length", None), mesh=mesh)
 
 
 def _loss_data_config(args):
@@ -127,7 +157,8 @@ def cmd_generate(args) -> list[str]:
     model = eval_model(args)
     outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt, add_bos=args.bos,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, compute_dtype=model.compute_dtype, batch_size=args.batch_size)
+                            seed=args.seed, compute_dtype=model.compute_dtype, batch_size=model.batch_size,
+                            mesh=model.mesh)
     for prompt, output in zip(args.prompt, outputs):
         print(f"### prompt\n{prompt}\n### completion\n{output}\n")
     return outputs
@@ -140,6 +171,9 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int | None, batc
     p.add_argument("--batch-size", type=int, default=batch_size, help="sequences per device batch")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
                    help="activation dtype (default: bfloat16 on accelerators, float32 on CPU)")
+    p.add_argument("--mesh", default=None, metavar="D,F,T",
+                   help="device mesh (data, fsdp, tensor; one may be -1): params sharded over fsdp and tensor, "
+                        "prompts split over data and fsdp (default: a run's own mesh, else all devices on data)")
 
 
 def add_eval_commands(subparsers):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import losses
+from mft_jax import losses, sharding
 from mft_jax import model as model_lib
 from mft_jax.config import DataConfig, LlamaConfig
 from mft_jax.data import make_loader
@@ -67,12 +67,25 @@ class Loss(Task):
                              num_epochs=1, process_index=0, process_count=1, drop_remainder=False,
                              num_workers=0)
         max_batches = loader.num_batches
-        if self.limit is not None:  # one example per row unless packed, so this reads >= limit examples
+        # rows are examples unless data.packing: then exactly `limit` of them count, whatever the batch size
+        rows_left = None if self.data_cfg.packing else self.limit
+        if self.limit is not None:
             max_batches = min(max_batches, -(-self.limit // model.batch_size))
+        rows = None
+        if model.mesh is not None:  # each batch's rows split over the data axes, as generation's prompts
+            rows = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
         totals = np.zeros(4, np.float64)
         for _, batch in zip(range(max_batches), loader):
-            totals += np.asarray(loss_sums(model.cfg, model.params, _trim(batch),
-                                           compute_dtype=model.compute_dtype), np.float64)
+            batch = _trim(batch)
+            if rows_left is not None:
+                if rows_left < len(batch["loss_weights"]):  # the rows past the limit weigh nothing
+                    batch["loss_weights"] = np.where(np.arange(len(batch["loss_weights"]))[:, None] < rows_left,
+                                                     batch["loss_weights"], 0)
+                rows_left = max(0, rows_left - len(batch["loss_weights"]))
+            if rows is not None and len(batch["inputs"]) % sharding.data_parallel_size(model.mesh) == 0:
+                batch = jax.device_put(batch, rows)
+            totals += np.asarray(loss_sums(model.cfg, model.params, batch, compute_dtype=model.compute_dtype),
+                                 np.float64)
         weighted, weight, token_nll, tokens = totals
         if tokens == 0:
             raise ValueError(f"loss task: data.{self.split} has no supervised tokens")
