@@ -90,3 +90,15 @@ def test_sharded_eval_equals_one_device(world):
     assert mesh["loss"]["tokens"] == one["loss"]["tokens"]
     for key in ("loss", "token_loss"):
         np.testing.assert_allclose(mesh["loss"][key], one["loss"][key], rtol=1e-6)
+
+
+def test_bad_mesh_is_one_line(world):
+    from fault_harness import TRACEBACK, run_cli
+
+    root, model_dir = world
+    for mesh, expected in (("2,2", "--mesh '2,2': give D,F,T (data, fsdp, tensor sizes; one may be -1)"),
+                           ("3,3,3", "--mesh 3,3,3: mesh: data*fsdp*tensor = 27 but 8 devices are present")):
+        result = run_cli(*_eval_args(model_dir, root, root / "bad.json", mesh))
+        assert result.code == 2 and TRACEBACK not in result.stderr, result.stderr
+        assert expected in result.error_line(), result.stderr
+    assert not (root / "bad.json").exists()
