@@ -13,7 +13,9 @@ def main():
     sys.unraisablehook = _interrupt_where_it_can_be_handled
     try:
         from mft_jax import cli
-    except KeyboardInterrupt:
+    except BaseException as error:  # a C extension's import interrupted raises ImportError from KeyboardInterrupt
+        if not _interrupted(error):
+            raise
         _say_interrupted()
         os._exit(130)  # nothing of ours started yet; skip the interpreter's teardown of half-imported modules
     try:
@@ -29,6 +31,15 @@ def main():
         _say_interrupted()
         sys.exit(cli.EXIT_INTERRUPTED)
     signal.signal(signal.SIGINT, _interrupted_in_teardown)
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt is `error` or in its chain of causes."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _interrupt_where_it_can_be_handled(unraisable, _default=sys.unraisablehook) -> None:

@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -559,6 +560,28 @@ def test_interrupt_and_unexpected_errors(world, watch, tmp_path, monkeypatch):
     line = watch.check(run_cli(*args), 1, "ZeroDivisionError", "MFT_JAX_DEBUG=1")
     assert line == ("mft-jax apply-masks: error: unexpected ZeroDivisionError: division by zero (set "
                     "MFT_JAX_DEBUG=1 for the traceback)")
+
+
+def test_ctrl_c_inside_an_extension_import_is_one_line():
+    """A Ctrl-C that lands in a C extension's initialisation surfaces as `ImportError: initialization failed`
+    raised from the KeyboardInterrupt (seen with matplotlib's ft2font at 1.2 s): still one line and exit 130."""
+    code = textwrap.dedent("""
+        import sys
+        class Interrupted:
+            def find_spec(self, name, path=None, target=None):
+                if name == "mft_jax.cli":
+                    try:
+                        raise KeyboardInterrupt
+                    except KeyboardInterrupt as e:
+                        raise ImportError("initialization failed") from e
+        sys.meta_path.insert(0, Interrupted())
+        from mft_jax.__main__ import main
+        main()
+    """)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert (proc.returncode, proc.stderr) == (130, "mft-jax: error: interrupted\n"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("after_s", [0.3, 1.2, 2.0, 2.3, 2.6, 3.5])
