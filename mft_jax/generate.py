@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mft_jax import model as model_lib
 from mft_jax import sharding
@@ -271,7 +273,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
              compute_dtype=jnp.float32, stop_strings: Sequence[str] | None = None, tokenizer=None,
              batch_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
              batch_axes: Sequence[str] | None = None, stop_check_every: int = 32,
-             recompute: bool = False) -> list[list[int]]:
+             recompute: bool = False, progress: str | None = None) -> list[list[int]]:
     """Continues each prompt (a list of token ids) with up to `max_new_tokens` new tokens.
 
     Returns the new tokens only, per prompt in input order, cut before the first EOS (EOS excluded) and,
@@ -282,6 +284,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     batch_size: prompts per device batch (None: all at once). Batches are padded to powers of two.
     mesh / batch_axes: split the batch over those mesh axes (default: the mesh's data axes, "data" and
     "fsdp"); place params on the same mesh (e.g. `sharding.param_shardings`), XLA propagates the rest.
+    progress: a label for a progress bar on stderr (prompts done, new tokens/s, ETA); None: no bar.
     """
     prompts = [list(map(int, p)) for p in prompts]
     stop_strings = [s for s in stop_strings or () if s] or None  # an empty stop string never matches
@@ -299,6 +302,9 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a bucket
     batch_size = batch_size or len(prompts)
     results: list[list[int]] = [[] for _ in prompts]
+    bar = None if progress is None else tqdm(total=len(prompts), desc=progress, unit="prompt", dynamic_ncols=True,
+                                             mininterval=1.0)
+    started, made = time.perf_counter(), 0
     for start in range(0, len(prompts), batch_size):
         rows = order[start:start + batch_size]
         b = -(-bucket(len(rows)) // shards) * shards  # a power of two, a whole number of rows per shard
@@ -325,6 +331,12 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
             out = _cut_at_eos(tokens_BxN[r, :step].tolist(), set(eos))
             cut = _first_stop(out, stop_strings, tokenizer, contexts[r]) if stop_strings else None
             results[i] = out if cut is None else out[:cut]
+        if bar is not None:
+            made += sum(len(results[i]) for i in rows)
+            bar.set_postfix({"tok/s": f"{made / max(time.perf_counter() - started, 1e-9):.0f}"}, refresh=False)
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
     return results
 
 

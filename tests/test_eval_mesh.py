@@ -102,3 +102,15 @@ def test_bad_mesh_is_one_line(world):
         assert result.code == 2 and TRACEBACK not in result.stderr, result.stderr
         assert expected in result.error_line(), result.stderr
     assert not (root / "bad.json").exists()
+
+
+def test_generation_shows_prompts_tokens_per_second_and_eta(world, capsys):
+    root, model_dir = world
+    args = cli.build_parser().parse_args(_eval_args(model_dir, root, root / "x.json", mesh="2,2,2"))
+    model = commands.eval_model(args)
+    assert model.progress  # eval and generate show it
+    capsys.readouterr()
+    model.complete(["one", "two", "three", "four", "five"], max_new_tokens=3)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # 5 prompts in batches of 4 (1 per data shard): the final state of the bar, with its rate and time left
+    assert bar.startswith("generate: 100%") and "5/5" in bar and "tok/s=" in bar and "<00:00" in bar, bar

@@ -60,6 +60,7 @@ class EvalModel:
     max_new_tokens: int | None = None
     mesh: Any = None  # a jax.sharding.Mesh to split generation batches over its "data" axis
     max_length: int | None = OLMES_MAX_LENGTH
+    progress: bool = False  # a progress bar per generation call (prompts done, new tokens/s, ETA) on stderr
 
     def complete(self, prompts: Sequence[str], *, stop_strings: Sequence[str] = (),
                  max_new_tokens: int | None = None, add_bos: bool = False) -> list[str]:
@@ -77,7 +78,8 @@ class EvalModel:
         return generate_text(self.cfg, self.params, self.tokenizer, list(prompts), add_bos=add_bos,
                              max_prompt_tokens=self.prompt_budget(max_new_tokens), max_new_tokens=max_new_tokens,
                              eos_ids=sorted(eos), stop_strings=list(stop_strings) or None,
-                             compute_dtype=self.compute_dtype, batch_size=self.batch_size, mesh=self.mesh)
+                             compute_dtype=self.compute_dtype, batch_size=self.batch_size, mesh=self.mesh,
+                             progress="generate" if self.progress else None)
 
     def prompt_budget(self, max_new_tokens: int) -> int | None:
         """Prompt tokens that fit in the context window next to `max_new_tokens` (None: no window)."""

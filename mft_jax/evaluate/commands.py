@@ -77,7 +77,8 @@ def eval_model(args, tokenizer_needed: bool = True):
     return EvalModel(cfg, params, tokenizer, tokenizer_dir=args.tokenizer or tokenizer_dir,
                      compute_dtype=_compute_dtype(args.compute_dtype),
                      batch_size=args.batch_size * sharding.data_parallel_size(mesh),
-                     max_new_tokens=args.max_new_tokens, max_length=getattr(args, "max_length", None), mesh=mesh)
+                     max_new_tokens=args.max_new_tokens, max_length=getattr(args, "max_length", None), mesh=mesh,
+                     progress=True)
 
 
 def _loss_data_config(args):
