@@ -41,7 +41,6 @@ from tqdm import tqdm
 from mft_jax import model as model_lib
 from mft_jax import sharding
 from mft_jax.config import LlamaConfig
-from mft_jax.sharding import BATCH_AXES
 
 Params = dict[str, Any]
 
@@ -294,7 +293,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     eos_E = np.asarray(eos if eos else (-1,), np.int32)  # -1 never matches a token
     if mesh is not None and batch_axes is None:
-        batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+        batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
     shards = _batch_shards(mesh, batch_axes or ())
     static = dict(greedy=temperature == 0.0, use_top_p=top_p < 1.0, compute_dtype=jnp.dtype(compute_dtype),
                   recompute=recompute)

@@ -396,11 +396,12 @@ def _check_remote_target(target: str, *, inputs, overwrite: bool, flag: str):
     if storage.blob(target).exists():
         raise OutputError(f"{flag} {target}: exists and is an object (a file); give a new directory (a file is "
                           f"never replaced, even with --overwrite)")
+    target_path = storage.path(target)
     if entries:
-        marker = read_marker(storage.path(target))
+        marker = read_marker(target_path)
         if marker is not None and not marker.get("complete", True) and not overwrite:
             host = re.sub(r"[^A-Za-z0-9]", "", str(marker.get("host", "")))[:24]
-            if _writer_alive(host, int(marker.get("pid") or 0), Path("/nonexistent")) is not False:
+            if _writer_alive(host, int(marker.get("pid") or 0), target_path) is not False:
                 raise OutputError(f"{flag} {target}: mft-jax {marker.get('command', '')} (pid {marker.get('pid')} "
                                   f"on {marker.get('host')}) is writing it now; wait for it to finish, give another "
                                   f"directory, or pass --overwrite if that process is gone")
@@ -408,7 +409,7 @@ def _check_remote_target(target: str, *, inputs, overwrite: bool, flag: str):
             listed = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {target}: exists and was not written by mft-jax ({len(entries)} objects: "
                               f"{listed}); give a new directory, or pass --overwrite to replace it")
-    return storage.path(target)
+    return target_path
 
 
 @contextlib.contextmanager
@@ -449,5 +450,5 @@ def _clean_remote_leftovers(target: str) -> None:
     for path in siblings:
         match = pattern.fullmatch(path.name)
         if match and match.group(1) == "tmp" and is_ours(path):
-            if _writer_alive(match.group(2), int(match.group(3)), Path("/nonexistent")) is False:
+            if _writer_alive(match.group(2), int(match.group(3)), path) is False:
                 storage.remove_tree(str(path))

@@ -32,17 +32,13 @@ def gcs():
     except RuntimeError as e:
         print(f"SKIPPED gs:// tests: {e}")
         pytest.skip(f"the Cloud Storage emulator cannot start: {e}")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    storage.client.cache_clear()
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as env:
+            for k, v in server.env().items():
+                env.setenv(k, v)
+            storage.client.cache_clear()
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         storage.client.cache_clear()
         server.__exit__()
 

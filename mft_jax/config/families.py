@@ -27,6 +27,8 @@ class Family:
     read: Callable[[dict], dict]  # config.json -> LlamaConfig switch fields
     write: Callable[[object], dict]  # LlamaConfig -> the family's own config.json keys
     summary: str
+    switches: frozenset[str]  # the switches it may set (qk_norm on a llama cannot be written as a llama)
+    required: frozenset[str] = frozenset()  # the ones it always sets
 
 
 def _window_layers(hf: dict, use_window: bool) -> dict:
@@ -88,16 +90,15 @@ def _write_qwen3(cfg) -> dict:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", _read_llama, _write_llama,
-           "Llama 2, 3, 3.1, 3.2 and their fine-tunes"),
-    Family("mistral", "MistralForCausalLM", _read_mistral, _write_mistral, "Mistral 7B v0.1 - v0.3"),
-    Family("qwen2", "Qwen2ForCausalLM", _read_qwen2, _qwen_window, "Qwen2 and Qwen2.5"),
-    Family("qwen3", "Qwen3ForCausalLM", _read_qwen3, _write_qwen3, "Qwen3 (dense)"),
+    Family("llama", "LlamaForCausalLM", _read_llama, _write_llama, "Llama 2, 3, 3.1, 3.2 and their fine-tunes",
+           frozenset({"attention_bias", "mlp_bias"})),
+    Family("mistral", "MistralForCausalLM", _read_mistral, _write_mistral, "Mistral 7B v0.1 - v0.3",
+           frozenset({"sliding_window"})),
+    Family("qwen2", "Qwen2ForCausalLM", _read_qwen2, _qwen_window, "Qwen2 and Qwen2.5",
+           frozenset({"qkv_bias", "sliding_window"}), frozenset({"qkv_bias"})),
+    Family("qwen3", "Qwen3ForCausalLM", _read_qwen3, _write_qwen3, "Qwen3 (dense)",
+           frozenset({"qk_norm", "attention_bias", "sliding_window"}), frozenset({"qk_norm"})),
 )}
-
-# The switches each family may set; a config whose switches another family sets cannot be written as this one.
-_FAMILY_SWITCHES = {"llama": {"attention_bias", "mlp_bias"}, "mistral": {"sliding_window"},
-                    "qwen2": {"qkv_bias", "sliding_window"}, "qwen3": {"qk_norm", "attention_bias", "sliding_window"}}
 
 
 def family(model_type: str) -> Family:
@@ -110,8 +111,8 @@ def family(model_type: str) -> Family:
 
 def check_switches(cfg) -> None:
     """A config's switches must be ones its family has (qk_norm on a llama cannot be written as a llama)."""
-    allowed = _FAMILY_SWITCHES[cfg.model_type]
-    required = {"qwen2": {"qkv_bias"}, "qwen3": {"qk_norm"}}.get(cfg.model_type, set())
+    found = family(cfg.model_type)
+    allowed, required = found.switches, found.required
     on = {name for name in ("attention_bias", "mlp_bias", "qkv_bias", "qk_norm") if getattr(cfg, name)}
     if cfg.sliding_window is not None:
         on.add("sliding_window")

@@ -71,9 +71,8 @@ class Loss(Task):
         rows_left = None if self.data_cfg.packing else self.limit
         if self.limit is not None:
             max_batches = min(max_batches, -(-self.limit // model.batch_size))
-        rows = None
-        if model.mesh is not None:  # each batch's rows split over the data axes, as generation's prompts
-            rows = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        # on a mesh each batch's rows are split over the data axes, as generation's prompts
+        rows = None if model.mesh is None else sharding.batch_sharding(model.mesh, micro_batched=False)
         totals = np.zeros(4, np.float64)
         for _, batch in zip(range(max_batches), loader):
             batch = _trim(batch)
