@@ -94,8 +94,8 @@ def main():
     parser.add_argument("--keep", type=float, default=0.9)
     parser.add_argument("--dtype", default=None, help="weights and compute dtype (default: bf16 on accelerators, "
                                                       "fp32 on CPU)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_attention"])
+    parser.add_argument("--attention", default="auto", choices=config.ATTENTION_CHOICES)
+    parser.add_argument("--remat", default="none", choices=config.REMAT_CHOICES)
     parser.add_argument("--loss-chunk", type=int, default=0, help="model.loss_chunk: head + loss this many "
                                                                   "positions at a time (0 = off)")
     parser.add_argument("--iters", type=int, default=5, help="steps per timed round")

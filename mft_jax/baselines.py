@@ -101,7 +101,7 @@ def _square_sums(cfg: LlamaConfig, params, tokens_BxL, positions_BxL, segment_id
                 sums[path] = jnp.einsum("bli,bl->i", x_BxLxI * x_BxLxI, valid_BxL)
         return next_fun(*args, **kwargs)
 
-    llama = model.Llama(cfg, dtype=jnp.dtype(compute_dtype))
+    llama = model.Llama(cfg, model.Options(compute_dtype))
     with nn.intercept_methods(intercept):  # hidden_only: the LM head is not needed
         llama.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL, hidden_only=True)
     missing = wanted - set(sums)

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mft_jax import step, trees
+from mft_jax import losses, model, trees
 from mft_jax.config import LlamaConfig
 
 Tree = Any
@@ -74,8 +74,8 @@ class Curvature:
 
     def batch_sum(self, params, batch) -> jax.Array:
         """sum(w * nll) of one batch (the loss's numerator), as training computes it (attention: xla)."""
-        return step.sft_sums(self.cfg, params, batch, compute_dtype=jnp.dtype(self.compute_dtype),
-                             remat=self.remat, loss_chunk=self.loss_chunk)[0]
+        options = model.Options(compute_dtype=self.compute_dtype, remat=self.remat)
+        return losses.model_sft_sums(self.cfg, params, batch, options=options, loss_chunk=self.loss_chunk)[0]
 
     def _over_batches(self, per_batch, batches, init):
         def body(acc, batch):

@@ -1,4 +1,4 @@
-"""The SFT loss on logits: weighted causal-LM cross-entropy.
+"""The SFT loss: weighted causal-LM cross-entropy, on logits and through the model (`model_sft_sums`).
 
 Batches carry `loss_weights` that make one formula serve both reductions (see mft_jax.data):
 per-example (the reference: each example's mean over its label tokens, then the mean over examples) gives
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mft_jax import model
+from mft_jax.config import LlamaConfig
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -60,3 +63,16 @@ def sft(logits_BxLxV, targets_BxL, loss_weights_BxL) -> jax.Array:
     """The SFT loss of one batch: sum(w * nll) / sum(w)."""
     num, den = sft_sums(logits_BxLxV, targets_BxL, loss_weights_BxL)
     return num / jnp.maximum(den, 1e-12)
+
+
+def model_sft_sums(cfg: LlamaConfig, params, batch, rng=None, *, options: model.Options = model.Options(),
+                   loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(sum(w * nll), sum(w)) of one batch [B, L] through the model; with `loss_chunk`, the head and
+    cross-entropy run that many positions at a time. `rng` turns on the adapters' dropout (LoRA), if any.
+    The one SFT loss of training (mft_jax.step), dev evaluation, the landscape and the Hessian studies."""
+    out = model.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"], options=options,
+                        hidden_only=loss_chunk > 0, dropout_rng=rng)
+    if loss_chunk > 0:
+        return chunked_sft_sums(out, model.lm_head_kernel(cfg, params), batch["targets"], batch["loss_weights"],
+                                loss_chunk)
+    return sft_sums(out, batch["targets"], batch["loss_weights"])

@@ -20,11 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax.config import LlamaConfig, MaskConfig
+from mft_jax.config import ATTN_PROJ, MLP_PROJ, PROJECTIONS, LlamaConfig, MaskConfig
 from mft_jax.trees import flat_index, flatten, get_path, merge, subtree, unflatten
 
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 
 
@@ -38,9 +36,9 @@ def masked_paths(cfg: LlamaConfig, mask_cfg: MaskConfig) -> list[tuple[str, ...]
     paths = []
     for i in layers:
         if mask_cfg.modules in ("attn", "both"):
-            paths += [(f"layers_{i}", "self_attn", name, "kernel") for name in ATTN_PROJ]
+            paths += [(f"layers_{i}", PROJECTIONS[name], name, "kernel") for name in ATTN_PROJ]
         if mask_cfg.modules in ("mlp", "both"):
-            paths += [(f"layers_{i}", "mlp", name, "kernel") for name in MLP_PROJ]
+            paths += [(f"layers_{i}", PROJECTIONS[name], name, "kernel") for name in MLP_PROJ]
     return paths
 
 

@@ -8,6 +8,8 @@ A method (`Trainable`) answers, in one place, everything the step and the loop n
   grads(params, trainable, derived, view_grads)   gradients of the trainable tree (MFT: straight-through);
   dense(params, trainable, derived) the trained model as plain params (evaluation and export).
 Checkpoints hold the trainable tree and the optimizer state; derived values are recomputed on restore.
+
+`METHODS` is the one list of methods: `train.mode` is checked against it, and `make` builds from it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mft_jax import masking, sharding
-from mft_jax.config import LlamaConfig, RunConfig
+from mft_jax.config import PROJECTIONS, ConfigError, LlamaConfig, RunConfig
+from mft_jax.model import Adapters
 from mft_jax.trees import get_path, merge, subtree, unflatten
 
 
@@ -29,7 +32,7 @@ class Trainable:
     """The interface (see the module docstring); the defaults suit methods with nothing derived."""
 
     name = ""
-    forward_options: dict = {}  # extra static arguments of model.forward (LoRA: scale and dropout)
+    adapters: Adapters | None = None  # adapters the model applies beside its kernels (LoRA's scale and dropout)
     logged: dict = {}  # step metrics the log carries: name -> "sum" (over the steps since the last record) or "last"
 
     def init(self, params, key):
@@ -150,14 +153,12 @@ class LoRA(Trainable):
     @property
     def paths(self):
         """The adapted modules, e.g. ("layers_0", "self_attn", "q_proj")."""
-        groups = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-        return [(f"layers_{i}", groups[t], t) for i in range(self.cfg.num_hidden_layers)
-                for t in masking.ATTN_PROJ + masking.MLP_PROJ if t in self.lora_cfg.targets]
+        return [(f"layers_{i}", PROJECTIONS[t], t) for i in range(self.cfg.num_hidden_layers)
+                for t in PROJECTIONS if t in self.lora_cfg.targets]
 
     @property
-    def forward_options(self):
-        return {"lora": (self.lora_cfg.alpha / self.lora_cfg.rank, self.lora_cfg.dropout)}
+    def adapters(self) -> Adapters:
+        return Adapters(scale=self.lora_cfg.alpha / self.lora_cfg.rank, dropout=self.lora_cfg.dropout)
 
     def init(self, params, key):
         r = self.lora_cfg.rank
@@ -194,15 +195,24 @@ class LoRA(Trainable):
         return unflatten(out)
 
 
+def _mft(run: RunConfig, cfg: LlamaConfig) -> MFT:
+    run.mask.check_against(cfg)
+    return MFT(cfg, run.mask)
+
+
+# train.mode -> the method a run trains (built from the run and the model config)
+METHODS = {
+    "mft": _mft,
+    "fft": lambda run, cfg: FFT(),
+    "lora": lambda run, cfg: LoRA(cfg, run.lora, run.train.seed),
+}
+
+
 def make(run: RunConfig, cfg: LlamaConfig) -> Trainable:
     """The run's method (`train.mode`), checked against the model."""
-    mode = run.train.mode
-    if mode == "mft":
-        run.mask.check_against(cfg)
-        return MFT(cfg, run.mask)
-    if mode == "lora":
-        return LoRA(cfg, run.lora, run.train.seed)
-    return FFT()
+    if run.train.mode not in METHODS:
+        raise ConfigError(f"train.mode {run.train.mode!r} is not a method; choose one of {list(METHODS)}")
+    return METHODS[run.train.mode](run, cfg)
 
 
 def trainable_count(method: Trainable, params_shapes) -> int:

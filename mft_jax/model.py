@@ -16,6 +16,7 @@ K key/value heads, G = H // K query heads per key/value head, Dh head dim, F int
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,13 +26,52 @@ import jax.numpy as jnp
 import numpy as np
 
 from mft_jax import attention as attention_lib
-from mft_jax.config import LlamaConfig
+from mft_jax.config import REMAT_CHOICES, LlamaConfig
 
 Params = dict[str, Any]
 
 
 def _dtype(name_or_dtype) -> jnp.dtype:
     return jnp.dtype(name_or_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters in the params (`lora_a`, `lora_b` beside a kernel, put there by mft_jax.methods.LoRA): each
+    adds scale * dropout(x) @ a @ b, as PEFT's LoRA layer; the dropout only runs when the call has a dropout rng."""
+
+    scale: float
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How a forward pass computes: static under jit (hashable), the same for every call of a step.
+
+    compute_dtype: activations and matmuls (norm statistics, softmax and the logits stay fp32);
+    attention: an implementation of mft_jax.attention (`xla`, `cudnn`, `splash`, `splash_interpret`: resolved);
+    remat: the decoder layers' rematerialisation policy (config.REMAT_CHOICES);
+    adapters: LoRA adapters the params carry (None: the kernels alone);
+    fp32_weight_grads: fp32 kernels (a method's fp32 view) get their gradients from their matmuls in fp32.
+    """
+
+    compute_dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+    adapters: Adapters | None = None
+    fp32_weight_grads: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+        if self.attention not in attention_lib.NAMES:
+            raise ValueError(f"Options.attention {self.attention!r}: one of {attention_lib.NAMES} "
+                             f"(attention.resolve turns model.attention into one)")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"Options.remat {self.remat!r}: one of {REMAT_CHOICES}")
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.compute_dtype
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,43 +151,39 @@ _dot_fp32_grad.defvjp(_dot_fp32_grad_fwd, _dot_fp32_grad_bwd)
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] with logical axes.
-
-    With LoRA adapters beside the kernel (params `lora_a` [in, r], `lora_b` [r, out], put there by
-    mft_jax.methods.LoRA) it adds scale * dropout(x) @ a @ b, as PEFT's LoRA layer; `lora` = (scale, dropout
-    rate), and the dropout only runs when the call has a "dropout" rng (training)."""
+    """y = x @ kernel (+ bias); kernel [in, out] with logical axes; with `options.adapters`, plus the LoRA
+    adapters beside the kernel (params `lora_a` [in, r], `lora_b` [r, out]), where the params carry them."""
 
     features: int
     axes: tuple[str, str]
-    use_bias: bool = False
-    dtype: Any = jnp.float32
+    options: Options
     param_dtype: Any = jnp.float32
-    lora: tuple[float, float] | None = None
-    fp32_weight_grads: bool = False  # an fp32 kernel's gradient comes out of its matmul in fp32 (see _dot_fp32_grad)
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
+        dtype = self.options.dtype
         kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        if self.fp32_weight_grads and kernel.dtype == jnp.float32 and self.dtype != jnp.float32:
-            y = _dot_fp32_grad(x.astype(self.dtype), kernel)
+        if self.options.fp32_weight_grads and kernel.dtype == jnp.float32 and dtype != jnp.float32:
+            y = _dot_fp32_grad(x.astype(dtype), kernel)
         else:
-            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+            y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros_init(), self.axes[1:]),
                               (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        if self.lora is not None and self.has_variable("params", "lora_a"):
+            y = y + bias.astype(dtype)
+        if self.options.adapters is not None and self.has_variable("params", "lora_a"):
             y = y + self._adapter(x)
         return y
 
     def _adapter(self, x):
-        scale, rate = self.lora
+        dtype, scale, rate = self.options.dtype, self.options.adapters.scale, self.options.adapters.dropout
         a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
         if rate > 0 and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
-        return jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype)) * scale
+        return jnp.dot(jnp.dot(x.astype(dtype), a.astype(dtype)), b.astype(dtype)) * scale
 
 
 class RMSNorm(nn.Module):
@@ -166,31 +202,27 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     cfg: LlamaConfig
-    dtype: Any
+    options: Options
     param_dtype: Any
-    attention: str = "xla"
-    lora: tuple[float, float] | None = None
-    fp32_weight_grads: bool = False
     window: int | None = None  # this layer's sliding window (cfg.window(i))
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
-        cfg = self.cfg
+        cfg, dtype = self.cfg, self.options.dtype
         h, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                                  fp32_weight_grads=self.fp32_weight_grads)
+        dense = functools.partial(Dense, options=self.options, param_dtype=self.param_dtype)
         qkv_bias = cfg.attention_bias or cfg.qkv_bias  # Qwen2: bias on q, k, v but not o
         b, l, _ = x_BxLxD.shape
         q = dense(h * dh, ("embed", "q_heads"), use_bias=qkv_bias, name="q_proj")(x_BxLxD).reshape(b, l, h, dh)
         k = dense(kv * dh, ("embed", "kv_heads"), use_bias=qkv_bias, name="k_proj")(x_BxLxD).reshape(b, l, kv, dh)
         v = dense(kv * dh, ("embed", "kv_heads"), use_bias=qkv_bias, name="v_proj")(x_BxLxD).reshape(b, l, kv, dh)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's Dh features, before rope
-            q = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+            q = RMSNorm(cfg.rms_norm_eps, dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dtype, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:  # the training / scoring path: the implementation chosen by `model.attention`
-            out = attention_lib.causal_self_attention(self.attention, q, k, v, q_segment_BxL, self.window)
+            out = attention_lib.causal_self_attention(self.options.attention, q, k, v, q_segment_BxL, self.window)
             new_cache = None
         else:  # decoding: write this chunk into the cache at cache_index, attend over the whole cache (XLA)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
@@ -198,7 +230,7 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             mask = attention_lib.attention_mask(q_segment_BxL, cache["segment_ids"], q_index_BxL,
                                                 jnp.arange(k.shape[1]), self.window)
-            out = attention_lib.dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+            out = attention_lib.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=cfg.attention_bias,
                     name="o_proj")(out.reshape(b, l, h * dh))
         return out, new_cache
@@ -206,16 +238,13 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     cfg: LlamaConfig
-    dtype: Any
+    options: Options
     param_dtype: Any
-    lora: tuple[float, float] | None = None
-    fp32_weight_grads: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.cfg
-        dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  lora=self.lora, fp32_weight_grads=self.fp32_weight_grads)
+        dense = functools.partial(Dense, options=self.options, param_dtype=self.param_dtype, use_bias=cfg.mlp_bias)
         gate_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj")(x_BxLxD)
         up_BxLxF = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj")(x_BxLxD)
         return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj")(nn.silu(gate_BxLxF) * up_BxLxF)
@@ -223,22 +252,18 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
-    dtype: Any
+    options: Options
     param_dtype: Any
-    attention: str = "xla"
-    lora: tuple[float, float] | None = None
-    fp32_weight_grads: bool = False
     window: int | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, q_segment_BxL, q_index_BxL, cache=None, cache_index=None):
         cfg = self.cfg
-        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        attn_out, new_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
-                                        self.fp32_weight_grads, self.window, name="self_attn")(
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype=self.options.dtype, param_dtype=self.param_dtype)
+        attn_out, new_cache = Attention(cfg, self.options, self.param_dtype, self.window, name="self_attn")(
             norm(name="input_layernorm")(x_BxLxD), cos, sin, q_segment_BxL, q_index_BxL, cache, cache_index)
         x_BxLxD = x_BxLxD + attn_out
-        mlp = MLP(cfg, self.dtype, self.param_dtype, self.lora, self.fp32_weight_grads, name="mlp")
+        mlp = MLP(cfg, self.options, self.param_dtype, name="mlp")
         mlp_out = mlp(norm(name="post_attention_layernorm")(x_BxLxD))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD + mlp_out, ("batch", "length", "act_embed"))
         return x_BxLxD, new_cache
@@ -258,24 +283,21 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # recomputes the attention kernel
     "dots_attention": _dots_and_attention_saveable,
 }
+assert set(_REMAT_POLICIES) | {"none"} == set(REMAT_CHOICES)
 
 
 class Llama(nn.Module):
     cfg: LlamaConfig
-    dtype: Any = jnp.float32  # compute dtype
+    options: Options = Options()
     param_dtype: Any = jnp.float32  # only used by init
-    attention: str = "xla"
-    remat: str = "none"
-    lora: tuple[float, float] | None = None  # (scale, dropout) when the params carry LoRA adapters
-    fp32_weight_grads: bool = False  # fp32 kernels' gradients from their matmuls in fp32 (grad_reduce fp32)
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache=None, cache_index=None,
                  last_only: bool = False, hidden_only: bool = False):
-        cfg = self.cfg
+        cfg, options, dtype = self.cfg, self.options, self.options.dtype
         embedding_VxD = self.param("embed_tokens", _init(nn.initializers.normal(0.02), ("vocab", "embed")),
                                    (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(self.dtype)
+        x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         cos, sin = rope_cos_sin(cfg, positions_BxL)
 
@@ -286,28 +308,27 @@ class Llama(nn.Module):
             cache["segment_ids"] = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL,
                                                                 (0, cache_index))
         layer_cls = DecoderLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
+        if options.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[options.remat], prevent_cse=True)
         new_layers = []
         for i in range(cfg.num_hidden_layers):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][i], "segment_ids": cache["segment_ids"]}
-            x_BxLxD, new_layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.attention, self.lora,
-                                                 self.fp32_weight_grads, cfg.window(i),
+            x_BxLxD, new_layer_cache = layer_cls(cfg, options, self.param_dtype, cfg.window(i),
                                                  name=f"layers_{i}")(x_BxLxD, cos, sin, segment_ids_BxL,
                                                                      q_index_BxL, layer_cache, cache_index)
             new_layers.append(new_layer_cache)
-        x_BxLxD = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x_BxLxD)
+        x_BxLxD = RMSNorm(cfg.rms_norm_eps, dtype, self.param_dtype, name="norm")(x_BxLxD)
         if last_only:  # logits of the last position only (a prefill needs no more): [B, 1, V]
             x_BxLxD = x_BxLxD[:, -1:]
         if hidden_only:  # the final normed hidden states [B, L, D]; the caller applies `lm_head_kernel`
             return x_BxLxD, None
         if cfg.tie_word_embeddings:
-            logits_BxLxV = jnp.dot(x_BxLxD, embedding_VxD.astype(self.dtype).T)
-        else:
-            logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="lm_head")(x_BxLxD)
+            logits_BxLxV = jnp.dot(x_BxLxD, embedding_VxD.astype(dtype).T)
+        else:  # the head is a plain matmul in the compute dtype (no adapters, no fp32 weight gradients)
+            logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), Options(dtype), self.param_dtype,
+                                 name="lm_head")(x_BxLxD)
         logits_BxLxV = logits_BxLxV.astype(jnp.float32)
         if cache is None:
             return logits_BxLxV, None
@@ -318,10 +339,8 @@ class Llama(nn.Module):
 # Public functions
 # --------------------------------------------------------------------------------------------------------
 
-def _module(cfg: LlamaConfig, compute_dtype=jnp.float32, attention="xla", remat="none", param_dtype=None,
-            lora=None, fp32_weight_grads=False):
-    return Llama(cfg, dtype=_dtype(compute_dtype), param_dtype=_dtype(param_dtype or cfg.dtype),
-                 attention=attention, remat=remat, lora=lora, fp32_weight_grads=fp32_weight_grads)
+def _module(cfg: LlamaConfig, options: Options = Options(), param_dtype=None):
+    return Llama(cfg, options, param_dtype=_dtype(param_dtype or cfg.dtype))
 
 
 def _init_inputs():
@@ -355,20 +374,16 @@ def lm_head_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
     return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "attention", "remat", "hidden_only", "lora",
-                                             "fp32_weight_grads"))
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "hidden_only"))
 def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_ids=None, *,
-            compute_dtype=jnp.float32, attention: str = "xla", remat: str = "none",
-            hidden_only: bool = False, lora: tuple[float, float] | None = None, fp32_weight_grads: bool = False,
-            dropout_rng=None) -> jax.Array:
+            options: Options = Options(), hidden_only: bool = False, dropout_rng=None) -> jax.Array:
     """Logits [B, L, V] in float32 for int tokens [B, L].
 
     positions [B, L]: position of each token in its document (default 0..L-1).
     segment_ids [B, L]: document id per token (0 = padding); attention never crosses documents.
-    compute_dtype: float32 or bfloat16 for activations and matmuls (norm statistics and softmax stay fp32).
+    options: how it computes (`Options`: compute dtype, attention, remat, adapters, fp32 weight gradients).
     hidden_only: return the final normed hidden states [B, L, D] (compute dtype) instead of the logits.
-    lora: (scale, dropout) for params carrying LoRA adapters; dropout_rng turns the adapters' dropout on.
-    fp32_weight_grads: fp32 kernels (a method's fp32 view) get their gradients from their matmuls in fp32.
+    dropout_rng: turns the adapters' dropout on (training).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
@@ -376,8 +391,8 @@ def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_id
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    out, _ = _module(cfg, compute_dtype, attention, remat, lora=lora, fp32_weight_grads=fp32_weight_grads).apply(
-        {"params": params}, tokens, positions, segment_ids, hidden_only=hidden_only, rngs=rngs)
+    out, _ = _module(cfg, options).apply({"params": params}, tokens, positions, segment_ids,
+                                         hidden_only=hidden_only, rngs=rngs)
     return out
 
 
@@ -403,5 +418,5 @@ def forward_with_cache(cfg: LlamaConfig, params: Params, tokens, positions, segm
     vocabulary are 4 GB at B=8, T=1024).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
-    return _module(cfg, compute_dtype).apply({"params": params}, tokens, positions, segment_ids, cache,
-                                             cache_index, last_only)
+    return _module(cfg, Options(compute_dtype)).apply({"params": params}, tokens, positions, segment_ids, cache,
+                                                      cache_index, last_only)

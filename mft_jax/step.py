@@ -29,36 +29,26 @@ from mft_jax.state import StateLayout, TrainState
 LossSums = Callable[..., tuple[jax.Array, jax.Array]]  # (params, batch, rng=None) -> (sum(w * nll), sum(w))
 
 
-def sft_sums(cfg: LlamaConfig, params, batch, rng=None, *, compute_dtype=jnp.float32, attention: str = "xla",
-             remat: str = "none", loss_chunk: int = 0, forward_options: dict | None = None):
-    """(sum(w * nll), sum(w)) of one batch [B, L] through the model; with `loss_chunk`, the head and
-    cross-entropy run that many positions at a time. `rng` turns on the method's dropout (LoRA), if it has one.
-    The one SFT loss of training, dev evaluation and the landscape."""
-    out = model.forward(cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                        compute_dtype=compute_dtype, attention=attention, remat=remat, hidden_only=loss_chunk > 0,
-                        dropout_rng=rng, **(forward_options or {}))
-    if loss_chunk > 0:
-        return losses.chunked_sft_sums(out, model.lm_head_kernel(cfg, params), batch["targets"],
-                                       batch["loss_weights"], loss_chunk)
-    return losses.sft_sums(out, batch["targets"], batch["loss_weights"])
-
-
 def platform(mesh) -> str:
     """The platform of a mesh's devices (tpu, gpu, cpu): the target a step is compiled for, which is not the
     host's backend when compiling ahead of time for a TPU topology or a GPU target."""
     return mesh.devices.flat[0].platform
 
 
+def forward_options(run: RunConfig, layout: StateLayout) -> model.Options:
+    """The run's forward pass for the layout's method and mesh: `model.attention` resolved for the platform of
+    the mesh's devices, the method's adapters, fp32 weight gradients for `train.grad_reduce: fp32`."""
+    return model.Options(compute_dtype=run.model.compute_dtype,
+                         attention=attention_lib.resolve(run.model.attention, platform(layout.mesh), run.data.packing),
+                         remat=run.model.remat, adapters=layout.method.adapters,
+                         fp32_weight_grads=run.train.grad_reduce == "fp32")
+
+
 def make_loss(run: RunConfig, cfg: LlamaConfig, layout: StateLayout) -> LossSums:
-    """`sft_sums` with the run's model settings for the layout's method and mesh: (params, batch, rng=None) ->
-    (sum(w * nll), sum(w)). `model.attention` is resolved for the platform of the mesh's devices."""
-    return functools.partial(sft_sums, cfg, compute_dtype=jnp.dtype(run.model.compute_dtype),
-                             attention=attention_lib.resolve(run.model.attention, platform(layout.mesh),
-                                                             run.data.packing),
-                             remat=run.model.remat, loss_chunk=run.model.loss_chunk,
-                             forward_options=dict(layout.method.forward_options, **(
-                                 {"fp32_weight_grads": True}
-                                 if run.train.grad_reduce == "fp32" else {})))
+    """`losses.model_sft_sums` with the run's forward options: (params, batch, rng=None) ->
+    (sum(w * nll), sum(w))."""
+    return functools.partial(losses.model_sft_sums, cfg, options=forward_options(run, layout),
+                             loss_chunk=run.model.loss_chunk)
 
 
 def micro_batch_grads(method, loss_sums: LossSums, params, view, batch_MxBxL, step_key):

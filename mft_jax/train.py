@@ -231,7 +231,7 @@ class _Session:
             num = den = 0.0
             for batch in self.dev_loader():
                 n, d = eval_fn(self.params, state, data_lib.to_global_batch(
-                    {k: batch[k] for k in BATCH_KEYS}, sharding.batch_sharding(self.mesh, micro_batched=False)))
+                    {k: batch[k] for k in data_lib.BATCH_KEYS}, sharding.batch_sharding(self.mesh, micro_batched=False)))
                 num, den = num + float(n), den + float(d)
             out["dev_loss"] = num / max(den, 1e-12)
         if self.dev_metrics is not None:
@@ -349,10 +349,7 @@ def total_steps(run: RunConfig, batches_per_epoch: int) -> int:
 
 
 
-BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
-
-
 def to_micro_batches(batch: dict, micro_batches: int) -> dict:
     """[B, L] host arrays -> [M, B / M, L] (the model's inputs only)."""
     return {k: np.asarray(batch[k]).reshape(micro_batches, batch[k].shape[0] // micro_batches, *batch[k].shape[1:])
-            for k in BATCH_KEYS}
+            for k in data_lib.BATCH_KEYS}

@@ -179,7 +179,7 @@ def test_model_forward_with_splash_on_mesh_equals_xla(mesh):
 
     def value_and_grads(p, kind, tok, pos, seg):
         def scalar(p):
-            logits = model.forward(TINY, p, tok, pos, seg, attention=kind)
+            logits = model.forward(TINY, p, tok, pos, seg, options=model.Options(attention=kind))
             return jnp.sum(logits * weights), logits
         return jax.value_and_grad(scalar, has_aux=True)(p)
 
@@ -203,7 +203,7 @@ def test_decoding_keeps_xla_attention():
     params = model.init_params(TINY, jax.random.key(0))
     tokens = jnp.zeros((1, 128), jnp.int32)
     ones = jnp.ones((1, 128), jnp.int32)
-    splash = model._module(TINY, attention="splash")
+    splash = model._module(TINY, model.Options(attention="splash"))
     full = jax.make_jaxpr(lambda p: splash.apply({"params": p}, tokens, ones, ones))(params)
     cache = model.init_cache(TINY, 1, 256)
     step = jax.make_jaxpr(lambda p, c: splash.apply({"params": p}, tokens, ones, ones, c, 0))(params, cache)

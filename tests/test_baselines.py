@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mft_jax import baselines, convert, masking, trees
+from mft_jax import config
 from mft_jax.config import ConfigError, LlamaConfig, MaskConfig
 from run_fixtures import make_model_dir, make_run
 
@@ -71,7 +72,7 @@ def reference_norms(cfg, params, batches, include_padding=False) -> dict:
             valid = np.ones_like(segment, bool) if include_padding else segment > 0
             for key, x in inputs.items():
                 squares[key] = squares.get(key, 0.0) + (x[valid] ** 2).sum(axis=0)
-    return {(f"layers_{i}", "self_attn" if name in masking.ATTN_PROJ else "mlp", name, "kernel"): np.sqrt(s)
+    return {(f"layers_{i}", config.PROJECTIONS[name], name, "kernel"): np.sqrt(s)
             for (i, name), s in squares.items()}
 
 

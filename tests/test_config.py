@@ -40,6 +40,22 @@ def test_bad_configs_name_the_key(raw, message):
         config.from_dict(raw)
 
 
+def test_method_names_come_from_the_registry():
+    """`train.mode` is checked against mft_jax.methods.METHODS (the one list), and a mode that bypassed the
+    config check (set after loading) is refused by `methods.make`, never trained as FFT."""
+    from mft_jax import methods
+
+    with pytest.raises(config.ConfigError, match=r"train.mode is 'lorra'; choose one of \['mft', 'fft', 'lora'\]"):
+        config.from_dict({"train": {"mode": "lorra"}})
+    run = config.from_dict({"train": {"mode": "fft"}})
+    tiny = config.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                              num_attention_heads=2)
+    assert isinstance(methods.make(run, tiny), methods.FFT)
+    run.train.mode = "fft "
+    with pytest.raises(config.ConfigError, match=r"train.mode 'fft ' is not a method; choose one of"):
+        methods.make(run, tiny)
+
+
 def test_masked_layers_checked_against_model():
     mask = config.from_dict({"mask": {"masked_layers": [1, 5]}}).mask
     with pytest.raises(config.ConfigError, match=r"\[5\] out of range: the model has 2 decoder layers"):

@@ -99,7 +99,7 @@ def test_logits_match_transformers_bf16(family_pair, tmp_path):
     _, hf, path, cfg, _ = family_pair
     tokens = _tokens(cfg, 2, 24)
     bf16_cfg, params = convert.load_hf(path, dtype=jnp.bfloat16)
-    ours = np.asarray(model.forward(bf16_cfg, params, tokens, compute_dtype=jnp.bfloat16))
+    ours = np.asarray(model.forward(bf16_cfg, params, tokens, options=model.Options(jnp.bfloat16)))
     ref = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), tokens)  # a copy: the module's model stays fp32
     # both round every activation to bf16, at different points: the bound of the same analysis with bf16's eps
     assert_close(ours, ref, rounding_bound(forward_length(cfg, 24), np.abs(ref).max(), eps=BF16_EPS),

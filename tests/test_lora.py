@@ -77,12 +77,12 @@ def test_dropout_only_in_training(tiny):
     adapters = jax.tree.map(lambda x: x + 0.05, method.init(params, jax.random.key(1)))  # B != 0
     adapted = method.to_model(params, adapters)
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 12))
-    fwd = lambda rng=None, lora=method.forward_options["lora"]: np.asarray(  # noqa: E731
-        model.forward(cfg, adapted, tokens, lora=lora, dropout_rng=rng))
+    fwd = lambda rng=None, adapters=method.adapters: np.asarray(  # noqa: E731
+        model.forward(cfg, adapted, tokens, options=model.Options(adapters=adapters), dropout_rng=rng))
     key = jax.random.key(3)
     assert not np.array_equal(fwd(key), fwd())  # dropout on
     np.testing.assert_array_equal(fwd(key), fwd(key))  # deterministic in its key
-    assert np.array_equal(fwd(key, (method.forward_options["lora"][0], 0.0)), fwd())  # rate 0: no dropout
+    assert np.array_equal(fwd(key, model.Adapters(method.adapters.scale, 0.0)), fwd())  # rate 0: no dropout
 
 
 MESHES = [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 2}]
@@ -112,7 +112,7 @@ def test_merged_export_loads_in_transformers(tiny, tmp_path):
     _, cfg, params, layout, state = export.restore_run(run.run_dir)
     adapted = merge(params, state.trainable)  # the adapted model, unmerged: W x + s (x A) B
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
-    ours = np.asarray(model.forward(cfg, adapted, tokens, lora=layout.method.forward_options["lora"]))
+    ours = np.asarray(model.forward(cfg, adapted, tokens, options=model.Options(adapters=layout.method.adapters)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(result["hf"]).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()

@@ -55,7 +55,7 @@ def test_bf16_compute_close_to_fp32(hf_pair):
     _, _, _, cfg, params = hf_pair
     tokens = _tokens(cfg, 2, 32)
     fp32 = np.asarray(model.forward(cfg, params, tokens))
-    bf16 = np.asarray(model.forward(cfg, params, tokens, compute_dtype=jnp.bfloat16))
+    bf16 = np.asarray(model.forward(cfg, params, tokens, options=model.Options(jnp.bfloat16)))
     rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     # Normwise, and dominated by bf16's own round-to-nearest of every activation (the same on any machine; the
     # float32 differences between machines are 1e5 times smaller): measured 0.0064-0.0080, about 2 u_bf16.

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from mft_jax.config import families
 from mft_jax.config.errors import ConfigError
 
+# The seven projections of a decoder layer (the matrices MFT masks and LoRA adapts), each with the module that
+# holds it: param path (f"layers_{i}", PROJECTIONS[name], name, "kernel").
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = {**{name: "self_attn" for name in ATTN_PROJ}, **{name: "mlp" for name in MLP_PROJ}}
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "linear", "llama3")
 

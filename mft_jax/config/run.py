@@ -7,7 +7,11 @@ import os
 from dataclasses import dataclass, field
 
 from mft_jax.config.errors import ConfigError, choice
-from mft_jax.config.llama import _DTYPES, LlamaConfig
+from mft_jax.config.llama import _DTYPES, PROJECTIONS, LlamaConfig
+
+# What `model.attention` and `model.remat` may say (mft_jax.attention.resolve, mft_jax.model's remat policies).
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash")
+REMAT_CHOICES = ("none", "full", "dots", "dots_attention")
 
 @dataclass
 class ModelConfig:
@@ -26,8 +30,8 @@ class ModelConfig:
         choice("model.compute_dtype", self.compute_dtype, _DTYPES)
         if self.dtype is not None:
             choice("model.dtype", self.dtype, _DTYPES)
-        choice("model.attention", self.attention, ("auto", "xla", "cudnn", "splash"))
-        choice("model.remat", self.remat, ("none", "full", "dots", "dots_attention"))
+        choice("model.attention", self.attention, ATTENTION_CHOICES)
+        choice("model.remat", self.remat, REMAT_CHOICES)
         if not (isinstance(self.loss_chunk, int) and self.loss_chunk >= 0):
             raise ConfigError(f"model.loss_chunk must be an integer >= 0 (0 = off), got {self.loss_chunk!r}")
 
@@ -180,8 +184,7 @@ class LoraConfig:
     rank: int = 64
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B
     dropout: float = 0.1  # on the adapter's input, in training
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"])
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # all seven projections
 
     def validate(self):
         if self.rank <= 0:
@@ -190,10 +193,9 @@ class LoraConfig:
             raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        bad = [t for t in self.targets if t not in known]
+        bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets:
-            raise ConfigError(f"lora.targets {self.targets!r}: choose a non-empty subset of {list(known)}")
+            raise ConfigError(f"lora.targets {self.targets!r}: choose a non-empty subset of {list(PROJECTIONS)}")
 
 
 @dataclass
@@ -213,7 +215,9 @@ class TrainConfig:
     grad_reduce: str = "compute"
 
     def validate(self):
-        choice("train.mode", self.mode, ("mft", "fft", "lora"))
+        from mft_jax import methods  # the registry of methods (imported here: it imports this module)
+
+        choice("train.mode", self.mode, tuple(methods.METHODS))
         choice("train.grad_reduce", self.grad_reduce, ("compute", "fp32"))
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be > 0, got {self.batch_size}")
