@@ -230,8 +230,9 @@ class _Session:
         if eval_fn is not None:
             num = den = 0.0
             for batch in self.dev_loader():
+                rows = {k: batch[k] for k in data_lib.BATCH_KEYS}
                 n, d = eval_fn(self.params, state, data_lib.to_global_batch(
-                    {k: batch[k] for k in data_lib.BATCH_KEYS}, sharding.batch_sharding(self.mesh, micro_batched=False)))
+                    rows, sharding.batch_sharding(self.mesh, micro_batched=False)))
                 num, den = num + float(n), den + float(d)
             out["dev_loss"] = num / max(den, 1e-12)
         if self.dev_metrics is not None:

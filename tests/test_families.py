@@ -289,3 +289,51 @@ def _run_file(run, tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run.to_dict()))
     return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(RUN_FAMILIES))
+def test_sweep_landscape_and_eval_run_on_every_family(family, tmp_path, capsys):
+    """The studies on each family, through the CLI: a two-point sweep trains and evaluates both points; the
+    landscape's line from the base model to a trained point ends at the two models' own dev losses (as `eval`
+    measures them); `eval --tasks loss` of a run equals the sweep's measurement of the same point exactly."""
+    import yaml
+
+    from mft_jax import cli
+    from run_fixtures import chat_rows, make_model_dir, make_run, write_jsonl
+    from tolerances import step_length
+
+    model_dir = make_model_dir(tmp_path / "model", **RUN_FAMILIES[family])
+    run = make_run(tmp_path, model_dir, train={"max_steps": 2, "seed": 0}, ckpt={"save_every": 2, "keep": 1},
+                   data={"tokenizer": str(tmp_path / "model" / "tokenizer")})
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(run.to_dict()))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", chat_rows(6, seed=5))
+    out = tmp_path / "sweep"
+    cli.main(["sweep", "--config", str(base), "--grid", "mask.keep=0.5,0.9", "--out", str(out),
+                     "--tasks", "loss", "--loss-data", str(held_out)])  # errors exit
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in report["points"]] == ["keep=0.5__seed=0", "keep=0.9__seed=0"]
+    point = out / "keep=0.5__seed=0"
+    swept = report["points"][0]["results"]["loss"]["loss"]
+    assert np.isfinite(swept) and swept > 0
+
+    results = tmp_path / "eval.json"
+    cli.main(["eval", "--model", str(point), "--tasks", "loss", "--loss-data", str(held_out), "--out", str(results),
+              "--max-seq-length", str(run.data.max_seq_length), "--template", run.data.template])
+    assert json.loads(results.read_text())["results"]["loss"]["loss"] == swept  # same program, same rows
+
+    landscape_out = tmp_path / "landscape"
+    cli.main(["landscape", str(model_dir), "--config", str(point / "config.yaml"), "--against", str(point),
+                     "--out", str(landscape_out), "--batches", "1", "--line-points", "3", "--eigs", "1",
+                     "--iters", "4", "--probes", "0"])
+    capsys.readouterr()
+    result = json.loads((landscape_out / "landscape.json").read_text())
+    line, own = result["lines"][str(point)], {spec: m["loss"] for spec, m in result["models"].items()}
+    # the line's ends are W_a + alpha (W_b - W_a) at alpha 0 and 1: the models up to one rounding per weight,
+    # through another program (a forward pass of at most 64 positions over at most 16 x 64 tokens)
+    n = step_length(convert.load_config(model_dir), 64, 16 * 64)
+    assert_close([line["loss_a"], line["loss_b"]], [own[str(model_dir)], own[str(point)]],
+                 rounding_bound(n, max(own.values())), "line ends vs the models' own losses")
+    assert abs(line["loss_b"] - line["loss_a"]) > rounding_bound(n, max(own.values()))  # the training moved it
+    assert np.isfinite(result["models"][str(point)]["top_eigenvalues"]).all()

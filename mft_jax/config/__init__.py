@@ -13,9 +13,11 @@ Modules: `errors` (ConfigError), `llama` (LlamaConfig), `run` (the sections), `l
 from mft_jax.config.errors import ConfigError, choice
 from mft_jax.config.llama import ATTN_PROJ, MLP_PROJ, PROJECTIONS, LlamaConfig
 from mft_jax.config.loading import canonical_keys, from_dict, load, parse_layers, read_yaml
-from mft_jax.config.run import (ATTENTION_CHOICES, REMAT_CHOICES, CheckpointConfig, DataConfig, EvalConfig, LogConfig, LoraConfig, MaskConfig,
-                                MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, WandbConfig)
+from mft_jax.config.run import (ATTENTION_CHOICES, REMAT_CHOICES, CheckpointConfig, DataConfig, EvalConfig,
+                                LogConfig, LoraConfig, MaskConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig,
+                                TrainConfig, WandbConfig)
 
-__all__ = ["ATTENTION_CHOICES", "ATTN_PROJ", "MLP_PROJ", "PROJECTIONS", "REMAT_CHOICES", "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LlamaConfig", "LogConfig", "LoraConfig",
-           "MaskConfig", "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "WandbConfig",
-           "canonical_keys", "choice", "from_dict", "load", "parse_layers", "read_yaml"]
+__all__ = ["ATTENTION_CHOICES", "ATTN_PROJ", "MLP_PROJ", "PROJECTIONS", "REMAT_CHOICES", "CheckpointConfig",
+           "ConfigError", "DataConfig", "EvalConfig", "LlamaConfig", "LogConfig", "LoraConfig", "MaskConfig",
+           "MeshConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "WandbConfig", "canonical_keys",
+           "choice", "from_dict", "load", "parse_layers", "read_yaml"]
