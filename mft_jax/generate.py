@@ -12,7 +12,8 @@ How a batch is decoded:
    are text, and tokenizations of a string are ambiguous, so they are checked on the host, exactly).
 
 Positions count from 0 at each row's first real token, so padding changes nothing a row computes.
-Sampling keys derive from (seed, prompt index, step), so a prompt's sample does not depend on its batch.
+Sampling keys derive from (seed, prompt index, step), so a prompt's sample does not depend on its batch (nor,
+with `first_index`, on a split of the prompts over processes).
 
 Text (`generate_text`): prompt encoding is explicit (`encode_prompts`): no BOS unless asked for (the olmes
 harness encodes with `add_special_tokens=False`), and an optional token budget that keeps a prompt's last
@@ -96,7 +97,7 @@ def _recompute_logits(cfg, params, buffer_BxS, prompt_lens_B, lp, slot, compute_
     s = buffer_BxS.shape[1]
     segment_BxS = (jnp.arange(s)[None, :] >= (lp - prompt_lens_B)[:, None]).astype(jnp.int32)
     logits_BxSxV = model_lib.forward(cfg, params, buffer_BxS, _positions(prompt_lens_B, lp, s), segment_BxS,
-                                     compute_dtype=compute_dtype)
+                                     options=model_lib.Options(compute_dtype))
     return jax.lax.dynamic_index_in_dim(logits_BxSxV, slot, axis=1, keepdims=False)
 
 
@@ -272,7 +273,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
              compute_dtype=jnp.float32, stop_strings: Sequence[str] | None = None, tokenizer=None,
              batch_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
              batch_axes: Sequence[str] | None = None, stop_check_every: int = 32,
-             recompute: bool = False, progress: str | None = None) -> list[list[int]]:
+             recompute: bool = False, progress: str | None = None, first_index: int = 0) -> list[list[int]]:
     """Continues each prompt (a list of token ids) with up to `max_new_tokens` new tokens.
 
     Returns the new tokens only, per prompt in input order, cut before the first EOS (EOS excluded) and,
@@ -284,6 +285,8 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
     mesh / batch_axes: split the batch over those mesh axes (default: the mesh's data axes, "data" and
     "fsdp"); place params on the same mesh (e.g. `sharding.param_shardings`), XLA propagates the rest.
     progress: a label for a progress bar on stderr (prompts done, new tokens/s, ETA); None: no bar.
+    first_index: the place of prompts[0] in a longer list split over processes; prompt i samples with the key of
+    first_index + i, so a sample does not depend on how the list was split.
     """
     prompts = [list(map(int, p)) for p in prompts]
     stop_strings = [s for s in stop_strings or () if s] or None  # an empty stop string never matches
@@ -309,7 +312,7 @@ def generate(cfg: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]],
         b = -(-bucket(len(rows)) // shards) * shards  # a power of two, a whole number of rows per shard
         prompt_BxLp, prompt_lens_B = _left_pad([prompts[i] for i in rows], b)
         active_B = np.arange(b) < len(rows)
-        ids_B = np.asarray(rows + [len(prompts)] * (b - len(rows)), np.uint32)
+        ids_B = first_index + np.asarray(rows + [len(prompts)] * (b - len(rows)), np.uint32)
         keys_B = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(ids_B)  # per prompt, not per slot
         batch = [prompt_BxLp, prompt_lens_B, active_B, keys_B]
         if mesh is not None:

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from mft_jax import config as config_lib
@@ -328,8 +329,9 @@ def run(args) -> int:
         "grid": [[k, v] for k, v in axes], "eval": evaluation, "points": len(points)}))
     check_spec(sweep_dir, spec)
     finished = [is_finished(sweep_dir, p) for p in points]
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_atomic(sweep_dir / SPEC_FILE, json.dumps(spec, indent=2))
+    if jax.process_index() == 0:  # with several processes, process 0 writes the sweep's own files
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_atomic(sweep_dir / SPEC_FILE, json.dumps(spec, indent=2))
     if args.print_commands:
         return print_commands(args, points, finished)
     if args.point is not None and not 1 <= args.point <= len(points):
@@ -351,7 +353,7 @@ def run(args) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
         print(f"{where}: step {record['step']} selected, {shown} ({_clock(time.perf_counter() - t0)}; elapsed "
               f"{_clock(elapsed)}, ETA {_clock(eta)})", flush=True)
-    if args.point is None:
+    if args.point is None and jax.process_index() == 0:
         collect(sweep_dir, points, axes, spec)
     return 0
 
@@ -374,8 +376,9 @@ def run_point(args, point: dict, run: config_lib.RunConfig, sweep_dir: Path) -> 
               "seed": run.train.seed, "run_dir": str(run_dir), "step": step,
               "selection": "dev_loss" if dev_loss is not None else "final step (no dev loss recorded)",
               "metrics": headline(results, dev_loss), "results": results}
-    (sweep_dir / "eval").mkdir(exist_ok=True)
-    rundir.write_atomic(sweep_dir / "eval" / f"{point['name']}.json", json.dumps(record, indent=2, default=str))
+    if jax.process_index() == 0:  # every process has the same record (evaluate hands out process 0's metrics)
+        (sweep_dir / "eval").mkdir(exist_ok=True)
+        rundir.write_atomic(sweep_dir / "eval" / f"{point['name']}.json", json.dumps(record, indent=2, default=str))
     return record
 
 

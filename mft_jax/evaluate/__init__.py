@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
+
 from mft_jax.evaluate.arith import Arith
-from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task
+from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task, broadcast_json
 from mft_jax.evaluate.gsm8k import GSM8K
 from mft_jax.evaluate.humaneval import HumanEval, HumanEvalPlus
 from mft_jax.evaluate.ifeval import IFEval
@@ -38,8 +40,14 @@ def parse_tasks(text: str | Sequence[str]) -> list[str]:
 def evaluate(model: EvalModel, tasks: Sequence[Task], *, limit: int | None = None,
              samples_dir: str | Path | None = None, verbose: bool = True, load: bool = True) -> dict[str, dict]:
     """Loads (unless `load` is False: already loaded) and runs each task; returns {task name: metrics}. With
-    `samples_dir`, writes each task's per-example records to `samples_dir/<task>.jsonl`."""
+    `samples_dir`, writes each task's per-example records to `samples_dir/<task>.jsonl`.
+
+    With several processes every process calls it with the same tasks: each generates its share of the prompts
+    (the loss task: of the batches), process 0 scores, prints and writes the samples, and every process returns
+    process 0's metrics."""
     results = {}
+    writer = jax.process_index() == 0
+    verbose = verbose and writer
     for task in tasks:
         start = time.perf_counter()
         if load:
@@ -48,8 +56,9 @@ def evaluate(model: EvalModel, tasks: Sequence[Task], *, limit: int | None = Non
             print(f"[eval] {task.name}: {len(task) or 'all'} examples", flush=True)
         metrics = task.run(model)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
+        metrics = broadcast_json(metrics)  # process 0's (only it scores generation tasks); a no-op on one process
         results[task.name] = metrics
-        if samples_dir is not None and task.records:
+        if samples_dir is not None and task.records and writer:
             path = Path(samples_dir) / f"{task.name}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:

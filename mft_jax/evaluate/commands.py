@@ -5,6 +5,11 @@
 task name, a missing data file or a missing scoring dependency fails at once with one line (EvalError).
 Each task decodes with its own olmes settings (max new tokens, stop sequences, no BOS) in olmes's context
 window of 2048 tokens; --max-new-tokens and --max-length override them.
+
+Several processes (hosts, `mft_jax.distributed`): each holds a whole model copy sharded over a mesh of its own
+devices and generates a contiguous share of each task's prompts (the loss task: of its batches); the texts and
+sums are gathered, process 0 scores (HumanEval's programs run once), prints the table and writes --out and the
+samples; the others write and print nothing. `generate` splits its prompts the same way; process 0 prints.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from mft_jax import sharding, storage
 from mft_jax import evaluate as ev
 from mft_jax import export
 from mft_jax.data import load_tokenizer
-from mft_jax.evaluate.base import EvalError, EvalModel
+from mft_jax.evaluate.base import EvalError, EvalModel, allgather_texts, process_share
 from mft_jax.generate import generate_text
 
 
@@ -47,14 +52,17 @@ def eval_mesh(args):
         mesh_cfg.validate()
     else:
         mesh_cfg = export.model_mesh_config(args.model)
-    # Several processes do not yet evaluate together: each uses the devices of its own host (as before).
+    # Several processes: each evaluates its share of the prompts on its own host's devices (a whole model copy per
+    # host, sharded over that host's chips), so no decode step waits on another host.
     devices = jax.local_devices() if jax.process_count() > 1 else None
     try:
         return sharding.make_mesh(mesh_cfg, devices)
     except config_lib.ConfigError as e:
         if text:
             raise config_lib.ConfigError(f"--mesh {text}: {e}") from None
-        print(f"note: the run's mesh does not fit this machine ({e}); evaluating on every device as data parallel")
+        if jax.process_index() == 0:
+            print(f"note: the run's mesh does not fit this {'host' if devices else 'machine'} ({e}); evaluating on "
+                  f"every {'local ' if devices else ''}device as data parallel")
         return sharding.make_mesh(config_lib.MeshConfig(), devices)
 
 
@@ -124,7 +132,8 @@ def make_tasks(args) -> list:
 
 
 def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
-    """The tasks of `args` (as `eval` reads them) on `model` (a HF directory or RUN[:STEP]): {task: metrics}."""
+    """The tasks of `args` (as `eval` reads them) on `model` (a HF directory or RUN[:STEP]): {task: metrics}.
+    With several processes every process calls it; each generates its share and all return process 0's metrics."""
     args = argparse.Namespace(**{**vars(args), "model": model})
     tasks = make_tasks(args)
     loaded = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
@@ -134,11 +143,14 @@ def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
 def cmd_eval(args) -> dict:
     tasks = make_tasks(args)  # bad task names and missing data fail before the model loads
     model = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
+    writer = jax.process_index() == 0  # with several processes, process 0 alone prints and writes
     samples_dir = None
-    if args.out:
+    if args.out and writer:
         samples_dir = Path(args.out).with_suffix("")
         samples_dir = samples_dir.parent / f"{samples_dir.name}_samples"
     results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir, load=False)
+    if not writer:
+        return results
     print(ev.format_table(results))
     if args.out:
         settings = {t.name: dataclasses.asdict(t.generation) for t in tasks if isinstance(t, ev.GenerationTask)}
@@ -156,10 +168,16 @@ def cmd_eval(args) -> dict:
 
 def cmd_generate(args) -> list[str]:
     model = eval_model(args)
-    outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt, add_bos=args.bos,
+    # several processes: each continues its share of the prompts (sampling keys by the prompt's place in the whole
+    # list, so a sample does not depend on the process count); process 0 prints them all
+    share = process_share(len(args.prompt))
+    outputs = generate_text(model.cfg, model.params, model.tokenizer, args.prompt[share], add_bos=args.bos,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, compute_dtype=model.compute_dtype, batch_size=model.batch_size,
-                            mesh=model.mesh)
+                            mesh=model.mesh, first_index=share.start)
+    outputs = allgather_texts(outputs)
+    if jax.process_index() != 0:
+        return outputs
     for prompt, output in zip(args.prompt, outputs):
         print(f"### prompt\n{prompt}\n### completion\n{output}\n")
     return outputs
@@ -174,7 +192,8 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int | None, batc
                    help="activation dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--mesh", default=None, metavar="D,F,T",
                    help="device mesh (data, fsdp, tensor; one may be -1): params sharded over fsdp and tensor, "
-                        "prompts split over data and fsdp (default: a run's own mesh, else all devices on data)")
+                        "prompts split over data and fsdp (default: a run's own mesh, else all devices on data); "
+                        "with several processes, each host's own devices (a model copy per host)")
 
 
 def add_eval_commands(subparsers):
