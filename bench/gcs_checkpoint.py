@@ -41,7 +41,8 @@ def main():
         import jax
         import numpy as np
 
-        from mft_jax import checkpoint, config, memplan, sharding
+        from mft_jax import checkpoint, config, sharding
+        from mft_jax.studies import memplan
 
         run = config.load(args.config, verbose=False)
         if args.layers is not None:

@@ -20,7 +20,8 @@ import sys
 
 import jax
 
-from mft_jax import config, hlo, memplan, model, optim, sharding, step, targets
+from mft_jax import config, hlo, model, optim, sharding, step, targets
+from mft_jax.studies import memplan
 from mft_jax.state import StateLayout
 
 
@@ -71,7 +72,7 @@ def main():
     run = memplan._with_batch(run, mesh_shape, args.per_device_batch)
     cfg = config.LlamaConfig(**memplan.MODELS[args.model])
     direct = direct_compile(run, cfg, args.hardware, mesh_shape)
-    command = [sys.executable, "-m", "mft_jax.memplan", "plan", "--json", "--config", args.config, "--model",
+    command = [sys.executable, "-m", "mft_jax.studies.memplan", "plan", "--json", "--config", args.config, "--model",
                args.model, "--hardware", args.hardware, "--per-device-batch", str(args.per_device_batch),
                "--mesh", ",".join(map(str, mesh_shape)), "--compiler", "real", "--remat", run.model.remat,
                *[f"--set={s}" for s in args.set]]

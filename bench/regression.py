@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mft_jax import config as config_lib
-from mft_jax import convert, demo, demo_task, export, model, train
+from mft_jax import convert, export, model, train
+from mft_jax.demo import protocol as demo, task as demo_task
 from mft_jax.data import load_tokenizer, train_bpe_tokenizer
 
 

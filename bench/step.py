@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mft_jax import config, data, masking, memplan, model, optim, sharding, step as step_lib
+from mft_jax import config, data, masking, model, optim, sharding, step as step_lib
+from mft_jax.studies import memplan
 from mft_jax.state import StateLayout
 from mft_jax.trees import merge, subtree
 

@@ -61,15 +61,17 @@ def attention_mask(q_segment_BxL, kv_segment_BxS, q_index_BxL, kv_index_S, windo
     return (causal & same_doc)[:, None, None, :, :]
 
 
-def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1x1xLxS):
-    """Grouped-query attention; scores and softmax in fp32, as Hugging Face's eager path."""
+def dot_product_attention(q_BxLxHxDh, k, v, mask_Bx1x1xLxS, kv_heads_major: bool = False):
+    """Grouped-query attention; scores and softmax in fp32, as Hugging Face's eager path. k, v are [B, S, K, Dh],
+    or with `kv_heads_major` [B, K, S, Dh] (the KV cache's layout: the dots batch over (B, K) as it lies)."""
     b, l, h, dh = q_BxLxHxDh.shape
-    kv_heads = k_BxSxKxDh.shape[2]
+    kv_heads = k.shape[1 if kv_heads_major else 2]
+    kv = "bksd" if kv_heads_major else "bskd"
     q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, kv_heads, h // kv_heads, dh)
-    logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh) * (dh ** -0.5)
+    logits_BxKxGxLxS = jnp.einsum(f"blkgd,{kv}->bkgls", q_BxLxKxGxDh, k) * (dh ** -0.5)
     logits_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, logits_BxKxGxLxS.astype(jnp.float32), _NEG_INF)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-    out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v.dtype)
+    out_BxLxKxGxDh = jnp.einsum(f"bkgls,{kv}->blkgd", probs, v)
     return out_BxLxKxGxDh.reshape(b, l, h, dh)
 
 

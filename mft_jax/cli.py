@@ -20,7 +20,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from mft_jax import config, convert, demo, distributed, export, landscape, memplan, outputs, storage, sweep, train
+from mft_jax import config, convert, distributed, export, outputs, storage, train
+from mft_jax.demo import protocol as demo
+from mft_jax.studies import landscape, memplan, sweep
 from mft_jax.config import ConfigError
 from mft_jax.data import DataError, add_data_commands
 from mft_jax.evaluate import add_eval_commands

@@ -8,7 +8,9 @@ hence this count.
 - flops: 2 x output elements x contracted size of every dot and convolution (fused or not), plus the attention
   kernels from their shapes (cuDNN flash attention: 4 B H L S Dh forward, 10 backward; splash: 4 forward,
   6 dq, 8 dkv; halved when causal: the kernels skip the masked blocks).
-- bytes: operands + outputs of every top-level (unfused) instruction: an estimate of HBM traffic.
+- bytes: operands + outputs of every top-level (unfused) instruction: an estimate of HBM traffic; an in-place
+  dynamic-update-slice counts its update, not its buffer, and an asynchronous slice its slice
+  (`special_traffic`).
 - collectives: kind, dtype, shape (the result), group size, count, and the bytes one device sends on a ring
   (the TPU compiler's reduce-scatter is a fusion named all-reduce-scatter: counted as one reduce-scatter):
   all-gather (g-1)/g x result, reduce-scatter (g-1) x result, all-reduce 2 (g-1)/g x result, all-to-all
@@ -139,7 +141,7 @@ def _called(instr: Instr) -> list[tuple[str, str]]:
 
 def _dot_flops(instr: Instr, table: dict[str, Instr]) -> float:
     """dot: the lhs's contracting dims; convolution (TPU writes matmuls as 1x1 ones): the lhs's feature dim
-    ('f' in dim_labels) times the window."""
+    ('f' in dim_labels) times the window, each window dim at most the lhs's size along it."""
     lhs = table.get(instr.operands[0]) if instr.operands else None
     if lhs is None or not lhs.shapes or not instr.shapes:
         return 0.0
@@ -154,7 +156,15 @@ def _dot_flops(instr: Instr, table: dict[str, Instr]) -> float:
             return 0.0
         groups = re.search(r"feature_group_count=(\d+)", instr.line)
         contracted = dims[labels.group(1).index("f")] // (int(groups.group(1)) if groups else 1)
-        contracted *= math.prod(int(x) for x in window.group(1).split("x")) if window else 1
+        # window positions over padding or over the holes of a dilated input multiply zeros: per spatial dim at
+        # most the input's size and one in lhs_dilate count (the TPU compiler writes a decode step's per-head
+        # projection as a size-4 window padded 3_3, a batched attention dot as a size-B window over an input
+        # dilated by B)
+        spatial = {int(c): dims[i] for i, c in enumerate(labels.group(1)) if c.isdigit()}
+        sizes = [int(x) for x in window.group(1).split("x")] if window else []
+        dilate = re.search(r"lhs_dilate=([\dx]+)", instr.line)
+        dilate = [int(x) for x in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+        contracted *= math.prod(min(w, spatial.get(k, w), -(-w // dilate[k])) for k, w in enumerate(sizes))
     return 2.0 * math.prod(instr.shapes[0][1]) * contracted
 
 
@@ -209,6 +219,33 @@ def _ring_bytes(kind: str, result_bytes: float, g: int) -> float:
         return 0.0
     return {"all-gather": (g - 1) / g, "reduce-scatter": g - 1, "all-reduce": 2 * (g - 1) / g,
             "all-to-all": (g - 1) / g, "collective-permute": 1.0}[kind] * result_bytes
+
+
+def special_traffic(instr: Instr, comps: dict[str, list[Instr]], table: dict[str, Instr]) -> float | None:
+    """HBM bytes of the instructions whose operands + result overstate their traffic, else None:
+    - a dynamic-update-slice that writes into its buffer in place (a bare one, or a fusion whose root is one
+      updating a parameter of the fusion): the other operands read and the update written; the buffer is
+      neither read nor rewritten (a KV cache's one new slot per step);
+    - an asynchronous slice (slice-start: the TPU compiler's prefetch of a weight's tile; its result tuple
+      echoes the whole operand): the slice read and written, as a slice counts in XLA's cost analysis."""
+    if instr.op == "slice-start" and len(instr.shapes) > len(instr.operands):
+        return 2 * instr.bytes(instr.shapes[len(instr.operands):len(instr.operands) + 1])
+    if instr.op == "dynamic-update-slice" and len(instr.operands) >= 2:
+        update = table.get(instr.operands[1])
+        return None if update is None else 2 * update.bytes()
+    if instr.op != "fusion" or instr.is_tuple:
+        return None
+    fused = comps.get(_called(instr)[0][0], [])
+    root = next((i for i in fused if i.line.lstrip().startswith("ROOT")), None)
+    if root is None or root.op != "dynamic-update-slice" or len(root.operands) < 2:
+        return None
+    inner = {i.name: i for i in fused}
+    buffer, update = inner.get(root.operands[0]), inner.get(root.operands[1])
+    index = re.search(r"parameter\((\d+)\)", buffer.line) if buffer is not None and buffer.op == "parameter" else None
+    if index is None or update is None or int(index.group(1)) >= len(instr.operands):
+        return None
+    others = [o for k, o in enumerate(instr.operands) if k != int(index.group(1))]
+    return sum(table[o].bytes() for o in others if o in table) + update.bytes()
 
 
 @dataclasses.dataclass
@@ -284,7 +321,9 @@ def summarize(text: str) -> Summary:
                     shapes = arrays[len(arrays) // 2:]
                 record(base, shapes, _group_size(instr.line), times)
             if not fused and instr.op not in _NO_TRAFFIC and not instr.op.endswith("-done"):
-                traffic = instr.bytes() + sum(table[o].bytes() for o in instr.operands if o in table)
+                traffic = special_traffic(instr, comps, table)
+                if traffic is None:
+                    traffic = instr.bytes() + sum(table[o].bytes() for o in instr.operands if o in table)
                 out.bytes += times * traffic
                 out.bytes_loops_once += once * traffic
             for callee, role in callees:

@@ -225,12 +225,12 @@ class Attention(nn.Module):
             out = attention_lib.causal_self_attention(self.options.attention, q, k, v, q_segment_BxL, self.window)
             new_cache = None
         else:  # decoding: write this chunk into the cache at cache_index, attend over the whole cache (XLA)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            k, v = (jax.lax.dynamic_update_slice(cache[name], jnp.swapaxes(x, 1, 2).astype(cache[name].dtype),
+                                                 (0, 0, cache_index, 0)) for name, x in (("k", k), ("v", v)))
             new_cache = {"k": k, "v": v}
             mask = attention_lib.attention_mask(q_segment_BxL, cache["segment_ids"], q_index_BxL,
-                                                jnp.arange(k.shape[1]), self.window)
-            out = attention_lib.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+                                                jnp.arange(k.shape[2]), self.window)
+            out = attention_lib.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, kv_heads_major=True)
         out = dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=cfg.attention_bias,
                     name="o_proj")(out.reshape(b, l, h * dh))
         return out, new_cache
@@ -396,16 +396,23 @@ def forward(cfg: LlamaConfig, params: Params, tokens, positions=None, segment_id
     return out
 
 
-def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache of `max_len` positions: per layer k, v [B, S, K, Dh]; segment_ids [B, S] (0 = empty)."""
-    shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+# Logical axes of the KV cache: per layer k, v [B, K, S, Dh] (kv heads before slots, so a decode step's attention
+# dots batch over (B, K) with the cache as it lies: no transposed copy of it per step), segment_ids [B, S].
+KV_CACHE_AXES = ("batch", "kv_heads", "length", None)
+SEGMENT_CACHE_AXES = ("batch", "length")
 
-    def zeros(shape, dtype, axes):  # rows on the data axes, heads on the tensor axis (under sharding.axis_rules)
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `max_len` positions: per layer k, v [B, K, S, Dh]; segment_ids [B, S] (0 = empty).
+    Rows on the data axes, kv heads on the tensor axis (under sharding.axis_rules)."""
+    shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+
+    def zeros(shape, dtype, axes):
         return nn.with_logical_constraint(jnp.zeros(shape, dtype), axes)
 
-    layers = [{"k": zeros(shape, dtype, ("batch", "length", "kv_heads", None)),
-               "v": zeros(shape, dtype, ("batch", "length", "kv_heads", None))} for _ in range(cfg.num_hidden_layers)]
-    return {"layers": layers, "segment_ids": zeros((batch_size, max_len), jnp.int32, ("batch", "length"))}
+    layers = [{"k": zeros(shape, dtype, KV_CACHE_AXES), "v": zeros(shape, dtype, KV_CACHE_AXES)}
+              for _ in range(cfg.num_hidden_layers)]
+    return {"layers": layers, "segment_ids": zeros((batch_size, max_len), jnp.int32, SEGMENT_CACHE_AXES)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "compute_dtype", "last_only"), donate_argnames=("cache",))

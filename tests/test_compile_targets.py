@@ -25,7 +25,8 @@ import pytest
 
 from compile_worker import TINY
 
-from mft_jax import memplan, targets
+from mft_jax import targets
+from mft_jax.studies import memplan
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, MASKED_FROM, MICRO_BATCHES, MASKED_MATRICES = 4, 1, 2, 14  # compile_worker.TINY; mask.masked_layers [1, 2]

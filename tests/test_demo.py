@@ -5,7 +5,8 @@ import json
 import pytest
 
 import wandb_files
-from mft_jax import demo, demo_task, rundir
+from mft_jax import rundir
+from mft_jax.demo import protocol as demo, task as demo_task
 
 SHRUNK = ["task.train_examples=160", "task.dev_examples=16", "task.test_examples=16", "model.hidden_size=32",
           "model.intermediate_size=64", "model.num_hidden_layers=2", "model.vocab_size=288", "fft.steps=6",

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from jax.flatten_util import ravel_pytree
 
-from mft_jax import convert, hessian, landscape, losses, masking, model, sharding, trees
+from mft_jax import convert, losses, masking, model, sharding, trees
+from mft_jax.studies import hessian, landscape
 from mft_jax.config import ConfigError, LlamaConfig, MaskConfig, MeshConfig
 from mft_jax.data import train_bpe_tokenizer
 from mft_jax.evaluate.loss import loss_sums

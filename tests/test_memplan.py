@@ -1,4 +1,4 @@
-"""mft_jax.memplan: the analytic breakdown against a real state's shards, the compiled memory analysis and the fit
+"""mft_jax.studies.memplan: the analytic breakdown against a real state's shards, the compiled memory analysis and the fit
 flag on 8 simulated devices, and `mft-jax plan` (a worker process, layer extrapolation, its input errors)."""
 
 import argparse
@@ -12,7 +12,8 @@ import re
 import jax
 import pytest
 
-from mft_jax import config, memplan, methods, model, sharding, targets
+from mft_jax import config, methods, model, sharding, targets
+from mft_jax.studies import memplan
 from mft_jax import hlo as hlo_lib
 from mft_jax.config import ConfigError
 
@@ -188,3 +189,167 @@ def test_necessary_flops_of_llama2_7b_mft_and_fft():
     fft = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, "float32"), shapes)  # every matrix and the embedding
     assert memplan.necessary_flops(cfg, 4096, fft)["per_token"] == pytest.approx(
         6 * (32 * layer + head) + 3 * 32 * attn, rel=1e-12)
+
+
+# A decode plan's small model: 4 kv heads of 16 features, so a tensor axis of 4 splits the cache's heads.
+DECODE_TINY = config.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, dtype="bfloat16")
+
+
+def test_decode_plan_memory_agrees_with_the_closed_form():
+    """One decode step (8 rows over a 64-slot cache) on mesh (2, 1, 4), compiled here on the CPU: the inputs'
+    shards, the closed form of the KV cache and the compiled arguments agree exactly; the donated cache is
+    updated in place; flops are the matmuls' and attention's, counted by hand."""
+    p = memplan.decode_plan(DECODE_TINY, "8xH100-80GB", (2, 1, 4), batch=8, context=64, compiler="cpu")
+    a, c = p["analytic"], p["compiled"]
+    # 2 (k, v) x 2 layers x 8 rows x 64 slots x 4 heads x 16 x 2 bytes, rows over data 2, heads over tensor 4
+    assert a["kv_cache"] == a["kv_cache_formula"] == 2 * 2 * 8 * 64 * 4 * 16 * 2 // (2 * 4) == 32768
+    # every matrix split 4 ways over tensor (embedding and head over the vocabulary), norms whole: 5 x 64 x 2 bytes
+    matrices = 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    assert a["params"] == matrices * 2 // 4 + 5 * 64 * 2
+    assert a["segment_ids"] == 8 * 64 * 4 // 2 and a["rows"] == 2 * 8 // 2 * 4 + 4
+    assert c["argument"] == a["params"] + a["kv_cache"] + a["segment_ids"] + a["rows"]  # CPU: no layout padding
+    assert c["alias"] == a["kv_cache"] + a["segment_ids"]  # the donated cache comes back in place
+    # no copy of the cache (the new slot is written in place): the temporaries are this process's CPU compiler's
+    # fp32 copies of the 16-bit weights (2 x their bytes; a plan's worker runs it with CPU_STAND_IN_FLAGS) and
+    # activations, less than half the cache besides
+    assert c["temp"] < 2 * a["params"] + a["kv_cache"] // 2
+    assert p["total"] == c["argument"] + c["output"] - c["alias"] + c["temp"] and p["fits"]
+    # flops per device: 4 rows x 2 x (the head's 64 x 256 / 4 + the layers' matrices / 4) + attention over the
+    # 64 slots (q.k and p.v: 2 x 2 x 64 x 16 per row and head, 1 head per device) in 2 layers
+    head_and_layers = 64 * 256 + 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    assert p["work"]["flops"] == 4 * 2 * head_and_layers // 4 + 2 * 4 * 2 * 2 * 64 * 16
+    r, target = p["roofline"], targets.get("8xH100-80GB")
+    assert r["hbm_s"] == c["argument"] / target.hbm_bytes_per_s and r["tokens_per_s"] == 8 / r["step_s"]
+    assert p["roofline_hlo_bytes"]["hbm_s"] == p["work"]["bytes"] / target.hbm_bytes_per_s
+
+
+def test_decode_plan_picks_the_largest_batch_that_fits():
+    """Auto batch on one device: the largest power of two whose params and cache (closed form) fit 90% of its
+    memory, halved while the compiled step does not fit: with room for the params and 3 rows' cache, 2 rows fit
+    the closed form (4 do not) but not the compiled step, whose temporaries (this process's CPU compiler widens
+    the 16-bit cache to fp32 for attention) take more than a row; 1 row fits with them."""
+    per_row = 2 * 2 * 4096 * 4 * 16 * 2  # 2 (k, v) x 2 layers x 4096 slots x 4 heads x 16 x 2 bytes: 2 MiB
+    params = 2 * (2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128)) + 5 * 64 * 2
+    memory = math.ceil((params + 3 * per_row) / 0.9)
+    p = memplan.decode_plan(DECODE_TINY, "v5e-1", context=4096, compiler="cpu", device_memory_bytes=memory)
+    assert p["analytic"]["params"] == params and p["memory_budget"] == int(0.9 * memory) >= params + 3 * per_row
+    assert [t["batch"] for t in p["tried"]] == [2, 1] and p["tried"][0]["total"] > p["memory_budget"]
+    assert p["batch"] == 1 and p["auto_batch"] and p["fits"] and p["total"] <= p["memory_budget"]
+    assert p["mesh"] == [1, 1, 1] and p["stand_in"] and p["compiler"].startswith("CPU (jaxlib ")
+
+
+def _decode_args(tmp_path, *extra):
+    """`mft-jax plan --decode` on a small model with 128 features per head (a TPU lane's width: no layout padding
+    of the weights or the cache), its config.json read from the run config's model.path."""
+    (tmp_path / "model").mkdir(parents=True)
+    hf = config.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, dtype="bfloat16").to_hf()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "run.yaml").write_text(f"model: {{path: {tmp_path / 'model'}}}\nmask: {{masked_layers: [0]}}\n")
+    parser = argparse.ArgumentParser()
+    memplan.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", "--decode", "--config", str(tmp_path / "run.yaml"), *extra])
+
+
+@pytest.mark.skipif(not (targets.compiler_available("tpu") and targets.compiler_available("gpu")),
+                    reason="the TPU and CUDA compilers are not installed (launch/install.sh --plan)")
+def test_decode_plan_command_with_the_real_compilers(tmp_path, capsys):
+    """The command's workers compile a decode step with libtpu (v5e-8, tensor-parallel over 8 chips is the
+    default; here (2, 1, 4) puts 4 kv heads over tensor) and the CUDA compiler (one H100): each input read once
+    is the compiled argument size, the KV cache the closed form; the TPU pads only the row arrays and the slot
+    (int32 [8, 1] x 2 and a scalar, each to at most a (8, 128) tile of 4 KiB); the HLO's flops are the matmuls'."""
+    assert memplan.run(_decode_args(tmp_path / "a", "--hardware", "v5e-8", "--mesh", "2,1,4", "--batch", "16",
+                                    "--context", "256", "--compiler", "real", "--json")) == 0
+    assert memplan.run(_decode_args(tmp_path / "b", "--hardware", "1xH100-80GB", "--batch", "16", "--context",
+                                    "256", "--compiler", "real", "--json")) == 0
+    tpu, gpu = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert tpu["compiler"].startswith("TPU (libtpu ") and gpu["compiler"].startswith("CUDA (")
+    assert not tpu["stand_in"] and not gpu["stand_in"] and tpu["device_kind"] == "TPU v5 lite"
+    for p, shards in ((tpu, 2 * 4), (gpu, 1)):
+        a = p["analytic"]
+        assert a["kv_cache"] == a["kv_cache_formula"] == 2 * 2 * 16 * 256 * 4 * 128 * 2 // shards
+        inputs = a["params"] + a["kv_cache"] + a["segment_ids"] + a["rows"]
+        assert 0 <= p["compiled"]["argument"] - inputs <= (3 * 4096 if p is tpu else 0)
+        assert p["compiled"]["alias"] >= a["kv_cache"] and p["fits"] and p["batch"] == 16
+        # flops: 2 x rows per device x its matmul weights (head 512 x 1024, 2 layers of 4 x 512^2 + 3 x 512 x 1024,
+        # split over tensor); one query per kv head makes attention an elementwise multiply-and-reduce, no dot
+        rows, tensor = (8, 4) if p is tpu else (16, 1)
+        assert p["work"]["flops"] == 2 * rows * (512 * 1024 + 2 * (4 * 512**2 + 3 * 512 * 1024)) // tensor
+        r = p["roofline"]
+        assert r["hbm_s"] * targets.get(p["hardware"]).hbm_bytes_per_s == pytest.approx(p["compiled"]["argument"])
+
+
+@pytest.mark.skipif(not targets.compiler_available("gpu"), reason="the CUDA compiler is not installed "
+                    "(launch/install.sh --plan)")
+def test_gqa_decode_step_reads_the_cache_as_it_lies_on_gpu(tmp_path, capsys):
+    """Grouped-query attention (2 query heads per kv head) over a cache laid out [B, K, S, Dh]: the CUDA compiler
+    batches the attention dots over (rows, kv heads) without a transposed copy of k and v per step, so the
+    step's temporaries stay far below one layer's cache (with [B, S, K, Dh] they held a copy of it)."""
+    args = _decode_args(tmp_path, "--hardware", "1xH100-80GB", "--batch", "16", "--context", "1024",
+                        "--compiler", "real", "--json")
+    hf = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**hf, "num_key_value_heads": 2}))
+    assert memplan.run(args) == 0
+    p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    layer_cache = 2 * 16 * 1024 * 2 * 128 * 2  # k and v of one layer: rows x slots x kv heads x head dim, bf16
+    assert p["analytic"]["kv_cache"] == 2 * layer_cache
+    assert p["compiled"]["temp"] < layer_cache / 8, p["compiled"]
+
+
+def test_hlo_counts_in_place_updates_async_slices_and_padded_or_dilated_windows():
+    """The decode step's HLO forms (mft_jax.hlo): a fusion updating a cache slot in place moves the slot (read,
+    written) and its index, not the cache; a TPU async slice of a weight moves the slice; a per-head projection
+    written as a size-4 window padded 3_3 over one input position, and a batched dot written as a size-256
+    window over an input dilated by 256, multiply one real element per window."""
+    text = "\n".join([
+        "%fused_dus (p0: bf16[8,1024,128], p1: s32[], p2: bf16[8,1,128]) -> bf16[8,1024,128] {",
+        "  %p0 = bf16[8,1024,128]{2,1,0} parameter(0)",
+        "  %p1 = s32[] parameter(1)",
+        "  %p2 = bf16[8,1,128]{2,1,0} parameter(2)",
+        "  %z = s32[] constant(0)",
+        "  ROOT %dus = bf16[8,1024,128]{2,1,0} dynamic-update-slice(%p0, %p2, %z, %p1, %z)",
+        "}",
+        "ENTRY %main (cache: bf16[8,1024,128], i: s32[]) -> bf16[8,1024,128] {",
+        "  %cache = bf16[8,1024,128]{2,1,0} parameter(0)",
+        "  %i = s32[] parameter(1)",
+        "  %new = bf16[8,1,128]{2,1,0} parameter(2)",
+        "  %w = bf16[4096,512]{1,0} parameter(3)",
+        "  %x = bf16[64,4096,1]{1,0,2} parameter(4)",
+        "  %kernel = bf16[4,128,4096]{2,1,0} parameter(5)",
+        "  %q = bf16[256,4,128]{2,1,0} parameter(6)",
+        "  %k = bf16[256,2048,128]{2,1,0} parameter(7)",
+        "  %f = bf16[8,1024,128]{2,1,0} fusion(%cache, %i, %new), kind=kLoop, calls=%fused_dus",
+        "  %s = ((bf16[4096,512]{1,0}), bf16[1024,512]{1,0}, s32[]) slice-start(%w), slice={[0:1024], [0:512]}",
+        "  %sd = bf16[1024,512]{1,0} slice-done(%s)",
+        "  %proj = bf16[64,4,128]{2,0,1} convolution(%x, %kernel), window={size=4 pad=3_3 rhs_reversal=1}, "
+        "dim_labels=bf0_0oi->b0f",
+        "  %scores = bf16[256,4,2048]{2,1,0} convolution(%q, %k), window={size=256 stride=255 lhs_dilate=256}, "
+        "dim_labels=0bf_0oi->0bf",
+        "  ROOT %t = (bf16[8,1024,128]{2,1,0}) tuple(%f)",
+        "}"])
+    s = hlo_lib.summarize(text)
+    assert s.flops == 2 * 64 * 4 * 128 * 4096 + 2 * 256 * 4 * 2048 * 128
+    proj = 64 * 4 * 128 * 2 + 64 * 4096 * 2 + 4 * 128 * 4096 * 2  # operands and result, counted as ever
+    scores = 256 * 4 * 2048 * 2 + 256 * 4 * 128 * 2 + 256 * 2048 * 128 * 2
+    assert s.bytes == (4 + 2 * 8 * 128 * 2) + 2 * 1024 * 512 * 2 + proj + scores
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--hardware", "v5e-8", "--mesh", "2,1,4", "--batch", "3"), "--batch 3 is not a multiple of the "
+                                                                    "data-parallel size 2 of mesh (2, 1, 4)"),
+    (("--hardware", "v5e-8", "--mesh", "1,1,4"), "--mesh 1,1,4: give D,F,T with D*F*T = 8"),
+    (("--hardware", "v5e-8", "--context", "0"), "--batch and --context must be >= 1"),
+])
+def test_decode_plan_command_input_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        memplan.run(_decode_args(tmp_path, *extra))
+
+
+def test_plan_needs_a_config_but_for_decode_plans_of_a_named_model():
+    parser = argparse.ArgumentParser()
+    memplan.add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(ConfigError, match="plan: --config is required"):
+        memplan.run(parser.parse_args(["plan", "--model", "llama2-7b"]))
+    with pytest.raises(ConfigError, match="plan --decode: give --model NAME or --config"):
+        memplan.run(parser.parse_args(["plan", "--decode"]))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mft_jax import config, convert, data, demo_task, generate
+from mft_jax import config, convert, data, generate
+from mft_jax.demo import task as demo_task
 from run_fixtures import chat_rows, make_model_dir, write_jsonl
 from test_multihost import _child_env, _free_port
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from mft_jax import config, demo_task, sweep
+from mft_jax import config
+from mft_jax.demo import task as demo_task
+from mft_jax.studies import sweep
 from mft_jax.data import sources, store
 from mft_jax.evaluate import Arith
 from tests.run_fixtures import chat_rows, make_model_dir, make_run, write_jsonl
@@ -170,7 +172,7 @@ def test_sweep_resumes_after_kill_without_redoing_finished_points(tmp_path, caps
     assert not (tmp_path / "bad").exists()
 
     # A real process, SIGKILLed as soon as it reports its first point done (while the second one runs).
-    proc = subprocess.Popen([sys.executable, "-m", "mft_jax.sweep", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "mft_jax.studies.sweep", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
     for line in proc.stdout:

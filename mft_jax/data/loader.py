@@ -41,7 +41,9 @@ from absl import flags
 from mft_jax.data.sources import DataError
 from mft_jax.data.store import build_dataset, open_data_source
 
-BATCH_KEYS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_weights": np.float32, "positions": np.int32,
+                "segment_ids": np.int32}  # what the model's step takes of a batch (the table above)
+BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 # ----------------------------------------------------------------------------------------------------------

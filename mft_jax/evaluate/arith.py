@@ -3,7 +3,7 @@
 Data: a JSONL file of chat rows `{"messages": [{"role": "user", ...}, ...], "answer": N}`, such as the
 `test.jsonl` / `dev.jsonl` that `mft-jax demo` writes (`--arith-data FILE`). The prompt is the first (user)
 message in the tulu format with the assistant prefix, as the model was trained; the metric is the demo's own
-(`mft_jax.demo_task.accuracy`): the last integer of the completion equals the answer (`last_number`).
+(`mft_jax.demo.task.accuracy`): the last integer of the completion equals the answer (`last_number`).
 Decoding: greedy, at most 40 new tokens (the demo's `eval.max_new_tokens`), stopping at EOS.
 """
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from mft_jax import demo_task
+from mft_jax.demo import task as demo_task
 from mft_jax.evaluate.base import EvalError, Generation, GenerationTask, take, with_primary
 
 GENERATION = Generation(max_new_tokens=40)

@@ -4,7 +4,7 @@ L(x) = sum(w * nll) / sum(w) over the N batches (the dev loss of `mft_jax.losses
 at `paths` only (by default the masked layers' kernels; the rest stay frozen), taken in float32 and merged into
 the model, which casts them to the compute dtype (float32 by default, matmuls at full precision: second
 derivatives need it). It runs on the mesh as training does: params sharded by `sharding.param_shardings`,
-batches over the data axes, the vectors of `mft_jax.hessian` laid out like the params they mirror.
+batches over the data axes, the vectors of `mft_jax.studies.hessian` laid out like the params they mirror.
 
 - `interpolate`: L along the straight line (1 - a) A + a B between two models, over every param by default (so
   the ends are the two models' own losses; with `paths`, only those move and the a = 1 end is A with B's values
@@ -13,7 +13,7 @@ batches over the data axes, the vectors of `mft_jax.hessian` laid out like the p
   "Visualizing the Loss Landscape of Neural Nets", 2018): each filter of d rescaled to the norm of the same filter
   of x. A filter is one output unit: a column of a kernel [in, out] (a row of the [out, in] weight, as Li et
   al.'s code takes it for linear layers), so every unit moves in proportion to its own scale; a 1-D param is one.
-- `sharpness`: the top Hessian eigenvalues (Lanczos) and the Hessian trace (Hutchinson), `mft_jax.hessian`.
+- `sharpness`: the top Hessian eigenvalues (Lanczos) and the Hessian trace (Hutchinson), `mft_jax.studies.hessian`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mft_jax import config as config_lib
-from mft_jax import data, export, hessian, masking, model, outputs, sharding, trees
+from mft_jax import data, export, masking, model, outputs, sharding, trees
 from mft_jax.config import ConfigError, LlamaConfig, MeshConfig
-from mft_jax.hessian import Curvature
+from mft_jax.studies import hessian
+from mft_jax.studies.hessian import Curvature
 
 DEFAULT_POINTS = tuple(k / 10 for k in range(-5, 16))  # -0.5 .. 1.5; 0 and 1 exactly
 

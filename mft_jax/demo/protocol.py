@@ -1,6 +1,6 @@
 """The offline end-to-end demo: the paper's protocol on a tiny Llama and a synthetic task, in minutes on a CPU.
 
-1. Make a task (mft_jax.demo_task): arithmetic word problems, train / dev / test, and a BPE tokenizer on it.
+1. Make a task (mft_jax.demo.task): arithmetic word problems, train / dev / test, and a BPE tokenizer on it.
 2. FFT a small Llama from random init through the normal trainer; dev accuracy (greedy generation) every
    `eval_every` steps; FFT-best = the best dev checkpoint, exported as a HF model.
 3. From FFT-best, with the same step budget: MFT, continued FFT and LoRA; then MFT on the LoRA-merged model
@@ -8,7 +8,7 @@
    and keep ratio (no training).
 4. Every arm's checkpoint is chosen on dev, never on test, then scored on test (exact match and loss), and
    its sharpness measured on dev batches (top Hessian eigenvalue and trace over the masked layers' kernels).
-5. Table, results.json and PNG plots (mft_jax.demo_report); with --seeds N, mean and std over seeds.
+5. Table, results.json and PNG plots (mft_jax.demo.report); with --seeds N, mean and std over seeds.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import numpy as np
 import yaml
 
 from mft_jax import config as config_lib
-from mft_jax import convert, demo_report, export, landscape, masking, model, outputs, rundir, train
+from mft_jax import convert, export, masking, model, outputs, rundir, train
 from mft_jax.data import load_tokenizer, train_bpe_tokenizer
-from mft_jax.demo_task import accuracy, make_task, read_rows
+from mft_jax.demo import report as demo_report
+from mft_jax.demo.task import accuracy, make_task, read_rows
 from mft_jax.evaluate.base import EvalModel
 from mft_jax.evaluate.loss import Loss
+from mft_jax.studies import landscape
 from mft_jax.trees import get_path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 ARMS = ("fft_best", "mft", "continued_fft", "lora", "mft_on_lora", "random_mask", "magnitude_mask", "wanda_mask")
 TRAINED = {"mft": "mft", "continued_fft": "fft", "lora": "lora"}  # arm -> train.mode, from FFT-best
 BASELINES = {"random_mask": "random", "magnitude_mask": "magnitude", "wanda_mask": "wanda"}

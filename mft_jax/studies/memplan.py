@@ -15,9 +15,15 @@ libtpu for TPU topologies (splash attention lowered by Mosaic), the CUDA plugin 
 attention). Installed by `launch/install.sh --plan`. Only where it is missing does a stand-in compile the plan,
 and the plan says so: the CPU compiler (CPU_STAND_IN_FLAGS, f16 for bf16, splash in Pallas interpret mode for
 the target's flash attention), or `--compiler tpu` for a GPU target. `mft-jax plan` runs each plan in a fresh
-process (`python -m mft_jax.memplan --worker SPEC`) whose environment finds the compilers.
+process (`python -m mft_jax.studies.memplan --worker SPEC`) whose environment finds the compilers.
+
+Decode plans (`--decode`, `decode_plan`): one step of `generate`'s decode loop (`model.forward_with_cache` of one
+token per row over a KV cache of `--context` slots, then argmax) compiled the same way, tensor-parallel over
+every device by default: memory per device (params + KV cache, the cache's closed form beside it), work from the
+optimized HLO, and a roofline tokens/s at the batch given or the largest that fits.
 
     mft-jax plan --config configs/llama31-8b-math-mft.yaml --model llama3.1-8b --hardware 1xH100-80GB v5p-8
+    mft-jax plan --decode --model llama2-7b --hardware v5e-8 1xH100-80GB --context 2048
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import time
 from contextlib import ExitStack
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mft_jax import attention as attention_lib
 from mft_jax import config as config_lib
 from mft_jax import hlo, model, optim, sharding, step as step_lib, targets
 from mft_jax.config import ConfigError, LlamaConfig
+from mft_jax.data import BATCH_DTYPES
 from mft_jax.state import StateLayout
 
 GiB = 2**30
@@ -77,8 +85,6 @@ MODELS = {
 # alive through the whole step (the TPU compiler does not: its temp bytes for a 4-chip 8B step are below the
 # 16 GB those weights take). Even so the CPU schedule keeps more alive than the TPU's (launch/README.md).
 CPU_STAND_IN_FLAGS = "--xla_disable_hlo_passes=change-op-data-type,while-loop-invariant-code-motion"
-BATCH_DTYPES = {"inputs": "int32", "targets": "int32", "loss_weights": "float32", "positions": "int32",
-                "segment_ids": "int32"}
 
 
 def shard_bytes(x) -> int:
@@ -324,19 +330,192 @@ def extrapolated_plan(run, cfg: LlamaConfig, layers: int, **kwargs) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Decode plans: one step of `generate`'s decode loop (one new token per row over a KV cache)
+# --------------------------------------------------------------------------------------------------------
+
+# The hardware `mft-jax plan --decode` plans by default (issue 25: where the paper's evaluations would run).
+DECODE_HARDWARE = ["v5e-8", "v5p-8", "1xH100-80GB", "8xH100-80GB"]
+# The context (KV cache slots) a decode plan assumes by default: the eval harness's max_length.
+DECODE_CONTEXT = 2048
+# The largest batch an automatic decode plan picks: near the FLOP per HBM byte of the targets (H100 295, v5e
+# 240, v5p 166), above which a decode step's weight reads no longer bound it and the roofline gains little.
+DECODE_MAX_BATCH = 256
+# The share of a device's memory an automatic batch may fill: a GPU process's JAX pool (75% unless
+# XLA_PYTHON_CLIENT_MEM_FRACTION is raised); on TPU a margin for the runtime's own buffers.
+DECODE_MEMORY_FRACTION = {"gpu": GPU_DEFAULT_POOL_FRACTION, "tpu": 0.9}
+
+
+def decode_mesh(target: targets.Target) -> tuple[int, int, int]:
+    """The default decode mesh: tensor-parallel over all the devices (as vLLM and JetStream serve), so each
+    holds 1/T of every weight and of the KV cache's heads, and every row runs on every device."""
+    return (1, 1, target.devices)
+
+
+def _cache_axes(leaf) -> tuple:
+    """Logical axes of a KV cache leaf, as `model.init_cache` constrains them."""
+    return model.KV_CACHE_AXES if len(leaf.shape) == 4 else model.SEGMENT_CACHE_AXES
+
+
+def abstract_decode_inputs(cfg: LlamaConfig, mesh, batch: int, context: int, dtype) -> dict:
+    """One decode step's inputs as ShapeDtypeStructs with their shardings: params (the mesh's fsdp and tensor
+    axes, `sharding.param_shardings`), the KV cache of `context` slots per row (`model.init_cache`: rows over the
+    data axes, kv heads over tensor), the last token and position per row, and the cache slot (a scalar)."""
+    shapes = model.param_shapes(cfg, dtype)
+    as_input = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    params = jax.tree.map(as_input, shapes, sharding.param_shardings(cfg, mesh, shapes))
+    named = lambda axes, shape: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, sharding.logical_to_spec(axes, shape, mesh))
+    cache = jax.tree.map(lambda x: as_input(x, named(_cache_axes(x), x.shape)),
+                         jax.eval_shape(lambda: model.init_cache(cfg, batch, context, dtype)))
+    rows = jax.ShapeDtypeStruct((batch, 1), np.int32, sharding=named(("batch", None), (batch, 1)))
+    return {"params": params, "cache": cache, "tokens": rows, "positions": rows,
+            "index": jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh))}
+
+
+def decode_analytic_bytes(cfg: LlamaConfig, mesh_shape, batch: int, context: int, dtype, inputs=None) -> dict:
+    """Per-device bytes of a decode step's inputs from their shapes and shardings (`inputs`, when given: the
+    shards), next to the closed form of the KV cache: 2 (k, v) x layers x batch x context x kv_heads x head_dim x
+    itemsize / (row shards x head shards), rows over data x fsdp where they divide, heads over tensor where
+    they divide (else whole on every device, as `sharding.logical_to_spec` places them)."""
+    data, fsdp, tensor = mesh_shape
+    row_shards = data * fsdp if batch % (data * fsdp) == 0 else 1
+    head_shards = tensor if cfg.num_key_value_heads % tensor == 0 else 1
+    kv = 2 * cfg.num_hidden_layers * batch * context * cfg.num_key_value_heads * cfg.head_dim \
+        * np.dtype(dtype).itemsize // (row_shards * head_shards)
+    out = {"kv_cache_formula": kv}
+    if inputs is not None:
+        tree_bytes = lambda tree: sum(shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
+        cache = inputs["cache"]
+        out.update(params=tree_bytes(inputs["params"]), kv_cache=tree_bytes(cache["layers"]),
+                   segment_ids=shard_bytes(cache["segment_ids"]),
+                   rows=tree_bytes([inputs["tokens"], inputs["positions"], inputs["index"]]))
+    return out
+
+
+def compile_decode_step(cfg: LlamaConfig, mesh, inputs: dict, compute_dtype):
+    """`generate`'s decode step (`_decode`'s loop body, greedy) compiled for `mesh`: `model.forward_with_cache`
+    of one token per row at cache slot `index`, the cache donated (updated in place, as the loop carries it),
+    the next token by argmax; under the model's logical axis rules, as `generate` runs on a mesh."""
+    def decode_step(params, cache, tokens_Bx1, positions_Bx1, index):
+        logits_Bx1xV, cache = model.forward_with_cache(cfg, params, tokens_Bx1, positions_Bx1,
+                                                       jnp.ones_like(tokens_Bx1), cache, index,
+                                                       compute_dtype=compute_dtype)
+        return jnp.argmax(logits_Bx1xV[:, 0], axis=-1).astype(jnp.int32), cache
+
+    platform = step_lib.platform(mesh)
+    args = [inputs[k] for k in ("params", "cache", "tokens", "positions", "index")]
+    out_shardings = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*inputs["tokens"].sharding.spec[:1])),
+                     jax.tree.map(lambda x: x.sharding, inputs["cache"]))
+    with ExitStack() as stack:
+        stack.enter_context(sharding.axis_rules())
+        stack.enter_context(jax.set_mesh(mesh) if platform == "cpu" else
+                            jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+        step_fn = jax.jit(decode_step, out_shardings=out_shardings, donate_argnums=(1,))
+        return step_fn.lower(*args).compile()
+
+
+def decode_roofline(target: targets.Target, flops: float, hbm_bytes: float, link_bytes: float, batch: int) -> dict:
+    """`roofline` of one decode step (per device) making `batch` tokens: step time bound by compute, HBM and
+    links, tokens/s of the whole machine (batch / step) and per device."""
+    r = roofline(target, flops, hbm_bytes, link_bytes, batch)
+    return dict(r, tokens_per_s=batch / r["step_s"] if r["step_s"] else None)
+
+
+def _auto_decode_batch(cfg, mesh_shape, context, dtype, params_bytes: int, budget: float, cap: int) -> int:
+    """The largest batch, a power of two times the data-parallel size and at most `cap`, whose params and KV
+    cache per device (the closed form) fit `budget` bytes; the data-parallel size if none does."""
+    dp = mesh_shape[0] * mesh_shape[1]
+    batch = dp
+    while 2 * batch <= max(cap, dp) and params_bytes + decode_analytic_bytes(
+            cfg, mesh_shape, 2 * batch, context, dtype)["kv_cache_formula"] <= budget:
+        batch *= 2
+    return batch
+
+
+def decode_plan(cfg: LlamaConfig, target: targets.Target | str, mesh_shape=None, *, batch: int | None = None,
+                context: int = DECODE_CONTEXT, compiler: str = "real", device_memory_bytes: int | None = None,
+                max_batch: int = DECODE_MAX_BATCH, stand_in_reason: str = "asked for") -> dict:
+    """The plan of one decode step of `cfg` (params in cfg.dtype, compute in it too) on `target`: memory per
+    device (compiled, and the inputs' bytes from their shapes, the KV cache's closed form beside them), flops,
+    HBM bytes and collectives of the optimized HLO, and the roofline tokens/s at `batch` rows over a cache of
+    `context` slots. mesh_shape: (data, fsdp, tensor), default `decode_mesh`. batch None: the largest power of
+    two (times the data axes, <= max_batch) whose params and cache fit DECODE_MEMORY_FRACTION of the device's
+    memory, halved while the compiled program does not fit."""
+    target = targets.get(target) if isinstance(target, str) else target
+    memory_bytes = device_memory_bytes or target.memory_bytes
+    mesh_shape = tuple(mesh_shape or decode_mesh(target))
+    dtype = cfg.dtype
+    if compiler == "cpu":  # the CPU compiler widens bf16 matmuls to fp32; f16 has bf16's size (_f16_for_bf16)
+        cfg = dataclasses.replace(cfg, dtype="float16" if cfg.dtype == "bfloat16" else cfg.dtype)
+    mesh = _mesh(mesh_shape, compile_devices(target, compiler), target.devices)
+    platform = step_lib.platform(mesh)
+    budget = DECODE_MEMORY_FRACTION[target.platform] * memory_bytes
+    params_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(
+        abstract_decode_inputs(cfg, mesh, mesh_shape[0] * mesh_shape[1], 1, cfg.dtype)["params"]))
+    auto = batch is None
+    batch = _auto_decode_batch(cfg, mesh_shape, context, cfg.dtype, params_bytes, budget, max_batch) if auto else batch
+    dp = mesh_shape[0] * mesh_shape[1]
+    if batch % dp:
+        raise ConfigError(f"--batch {batch} is not a multiple of the data-parallel size {dp} of mesh {mesh_shape}")
+    out = {"mode": "decode", "hardware": target.name, "target": target.platform, "devices": target.devices,
+           "mesh": list(mesh_shape), "model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                                               "vocab": cfg.vocab_size, "kv_heads": cfg.num_key_value_heads},
+           "dtype": str(dtype), "context": context, "auto_batch": auto, "memory_budget": int(budget),
+           "compiler": targets.compiler_name(platform), "stand_in": compiler != "real" and stand_in_reason,
+           "device_kind": mesh.devices.flat[0].device_kind, "device_memory": memory_bytes}
+    compile_s, tried = 0.0, []
+    while True:
+        inputs = abstract_decode_inputs(cfg, mesh, batch, context, cfg.dtype)
+        analytic = decode_analytic_bytes(cfg, mesh_shape, batch, context, cfg.dtype, inputs)
+        start = time.perf_counter()
+        try:
+            compiled, oom = compile_decode_step(cfg, mesh, inputs, cfg.dtype), None
+        except Exception as error:  # the TPU compiler refuses a program that does not fit its HBM
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            compiled, oom = None, str(error).splitlines()[0][:400]
+        compile_s += time.perf_counter() - start
+        mem = memory(compiled) if compiled is not None else None
+        fits = mem is not None and mem["total"] <= (budget if auto else memory_bytes)
+        tried.append({"batch": batch, "total": mem and mem["total"], "oom": oom})
+        if fits or not auto or batch // 2 < dp or batch % (2 * dp):
+            break
+        batch //= 2
+    out.update(batch=batch, tried=tried, analytic=analytic, compile_s=round(compile_s, 1))
+    if compiled is None:
+        return dict(out, oom=oom, fits=False, compiled=None, total=None)
+    text = compiled.as_text()
+    summary = hlo.summarize(text)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    work = dict(summary.to_dict(), cost_analysis={k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost}
+                if cost else None)
+    # Two HBM terms: every input read once (the weights' and the cache's shards as compiled, layout padding
+    # included: what any decode step must read), and the HLO's count of unfused operands and results, which
+    # also counts arrays the compiler stages through on-chip memory (TPU) and fusions' re-reads.
+    return dict(out, compiled={k: mem[k] for k in ("argument", "output", "alias", "temp")}, total=mem["total"],
+                fits=mem["total"] <= memory_bytes, work=work,
+                roofline=decode_roofline(target, summary.flops, mem["argument"], summary.collective_bytes, batch),
+                roofline_hlo_bytes=decode_roofline(target, summary.flops, summary.bytes, summary.collective_bytes,
+                                                   batch))
+
+
+# --------------------------------------------------------------------------------------------------------
 # Command line: one worker process per plan
 # --------------------------------------------------------------------------------------------------------
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="memory, flops, collectives and a roofline of a training step on given "
-                              "hardware, compiled ahead of time by its own compiler; flags plans that do not fit",
+    p = subparsers.add_parser("plan", help="memory, flops, collectives and a roofline of a training step (or with "
+                              "--decode, a decode step) on given hardware, compiled ahead of time by its own "
+                              "compiler; flags plans that do not fit",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--config", help="run config YAML (see configs/); required but with --decode --model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. data.max_seq_length=2048")
     p.add_argument("--model", choices=sorted(MODELS), help="architecture by name (default: model.path/config.json)")
-    p.add_argument("--hardware", nargs="+", default=DEFAULT_HARDWARE, metavar="NAME",
-                   help=f"targets: {', '.join(targets.NAMES)} (default: {' '.join(DEFAULT_HARDWARE)})")
-    p.add_argument("--remat", nargs="+", default=None, choices=list(REMAT_CHOICES),
+    p.add_argument("--hardware", nargs="+", default=None, metavar="NAME",
+                   help=f"targets: {', '.join(targets.NAMES)} (default: {' '.join(DEFAULT_HARDWARE)}; with --decode "
+                        f"{' '.join(DECODE_HARDWARE)})")
+    p.add_argument("--remat", nargs="+", default=None, choices=list(config_lib.REMAT_CHOICES),
                    help="remat policies to plan (default: the config's model.remat)")
     p.add_argument("--per-device-batch", type=int, default=None, metavar="ROWS",
                    help="rows per device per micro-batch: train.micro_batch_size = ROWS x the plan's data-parallel "
@@ -350,15 +529,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "cpu / tpu: that compiler standing in")
     p.add_argument("--layers", type=int, default=None, metavar="K", help="compile K and 2K decoder layers and "
                    "extrapolate to the full depth (a 70B step compiles slowly on CPU)")
-    p.add_argument("--top", type=int, default=3, help="largest temporaries to list per plan")
+    p.add_argument("--top", type=int, default=3, help="largest temporaries to list per training plan")
     p.add_argument("--collectives", type=int, default=6, help="collectives to list per plan (by bytes sent)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per plan before its worker is stopped")
+    decode = p.add_argument_group("decode plans (--decode): one step of generation's decode loop")
+    decode.add_argument("--decode", action="store_true", help="plan a decode step (one new token per row over "
+                        "a KV cache; params in the model's dtype) instead of a training step; default mesh "
+                        "tensor-parallel over all devices, (1,1,N)")
+    decode.add_argument("--batch", type=int, default=None, metavar="ROWS", help="rows decoded at once (default: the "
+                        f"largest power of two, at most {DECODE_MAX_BATCH}, whose params and KV cache fit "
+                        "the device: 75%% of a GPU (JAX's pool), 90%% of a TPU chip; halved while the compiled "
+                        "step does not)")
+    decode.add_argument("--context", type=int, default=DECODE_CONTEXT, metavar="SLOTS",
+                        help=f"KV cache slots per row: prompt + new tokens (default {DECODE_CONTEXT}, the eval "
+                             f"harness's max_length)")
     p.add_argument("--json", action="store_true", help="one JSON object per plan instead of the table")
     p.set_defaults(func=run)
     return p
-
-
-REMAT_CHOICES = ("none", "dots", "dots_attention", "full")
 
 
 def _model_config(run, name: str | None) -> LlamaConfig:
@@ -416,6 +603,11 @@ def _compiler(choice: str, target: targets.Target) -> tuple[str, str]:
 def worker_main(spec_json: str) -> None:
     """One plan in this process (started by `run` with the device count set): prints one JSON line."""
     spec = json.loads(spec_json)
+    if spec.get("decode"):
+        result = decode_plan(LlamaConfig(**spec["cfg"]), **spec["kwargs"])
+        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 2)
+        print("PLAN " + json.dumps(result), flush=True)
+        return
     run = config_lib.from_dict(spec["run"], verbose=False)
     cfg = LlamaConfig(**spec["cfg"])
     layers = spec.get("layers")
@@ -439,7 +631,7 @@ def _run_worker(spec: dict, devices: int, timeout: float) -> dict:
     """Runs one plan in a fresh process (`worker_env`); the plan's dict, or {"error": ...}."""
     env = worker_env(spec["kwargs"]["compiler"], devices)
     try:
-        proc = subprocess.run([sys.executable, "-m", "mft_jax.memplan", "--worker", json.dumps(spec)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "mft_jax.studies.memplan", "--worker", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no plan in {timeout:.0f} s (--timeout; or compile fewer layers with --layers K)"}
@@ -524,14 +716,97 @@ def format_plans(name: str, note: str, plans: list[dict], collectives: int = 6) 
     return lines
 
 
-def run(args) -> int:
-    """`mft-jax plan`: one worker per (hardware, remat); prints the table (or JSON). 1 if a plan failed."""
-    run_cfg = config_lib.load(args.config, args.set or [], verbose=False)
-    cfg = _model_config(run_cfg, args.model)
+def _targets(names) -> list[targets.Target]:
     try:
-        chosen = [targets.get(name) for name in args.hardware]
+        return [targets.get(name) for name in names]
     except KeyError as error:
         raise ConfigError(f"--hardware: {error.args[0]}") from None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def format_decode_plan(p: dict, collectives: int = 4) -> list[str]:
+    """One decode plan: memory per device (compiled, inputs and the KV cache's closed form), work per step and
+    the roofline tokens/s."""
+    name = p["hardware"]
+    if "error" in p:
+        return [f"{name} (decode): failed: {p['error']}"]
+    stand_in = f" STANDING IN for the {p['target'].upper()}'s ({p['stand_in']}: an estimate)" if p["stand_in"] else ""
+    a, m = p["analytic"], p["model"]
+    how = (f"auto: the largest power of two <= {DECODE_MAX_BATCH} fitting {p['memory_budget'] / GiB:.2f} GiB"
+           if p["auto_batch"] else "--batch")
+    halved = [t["batch"] for t in p["tried"][:-1]]
+    lines = [f"{name} (decode): {p['devices']} x {p['device_kind']}, {p['device_memory'] / GiB:.2f} GiB, mesh (data, "
+             f"fsdp, tensor) {tuple(p['mesh'])}; {p['compiler']} compiler{stand_in}",
+             f"  {m['layers']} layers, {m['kv_heads']} kv heads, {p['dtype']}; batch {p['batch']} ({how}"
+             + (f"; {', '.join(map(str, halved))} did not fit compiled" if halved else "")
+             + f"), context {p['context']}",
+             f"  inputs per device (GiB): params {a['params'] / GiB:.2f}, KV cache {a['kv_cache'] / GiB:.2f} (closed "
+             f"form 2 x layers x batch x context x kv_heads x head_dim x bytes / shards: "
+             f"{a['kv_cache_formula'] / GiB:.2f}), segment ids {a['segment_ids'] / GiB:.3f}"]
+    if p.get("oom"):
+        return lines + [f"  NO: {p['oom']}"]
+    c = p["compiled"]
+    fits = "yes" if p["fits"] else "NO"
+    if fits == "yes" and p["target"] == "gpu" and p["total"] > GPU_DEFAULT_POOL_FRACTION * p["device_memory"]:
+        fits = "yes* (above JAX's default GPU pool, 75%: set XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)"
+    w, r, rh = p["work"], p["roofline"], p["roofline_hlo_bytes"]
+    cost = w.get("cost_analysis") or {}
+    lines += [f"  compiled per device (GiB): arguments {c['argument'] / GiB:.2f}, outputs less the donated cache "
+              f"{(c['output'] - c['alias']) / GiB:.3f}, temp {c['temp'] / GiB:.2f}, total {p['total'] / GiB:.2f}; "
+              f"fits: {fits}; compiled in {p['compile_s']:.1f} s, {p['peak_rss_gib']:.2f} GiB RSS",
+              f"  per device and step: {_si(w['flops'], 'FLOP')}, HBM {_si(c['argument'], 'B')} (every input once) / "
+              f"{_si(w['bytes'], 'B')} (the HLO's count), sent {_si(w['collective_bytes'], 'B')}"
+              + (f"; XLA cost_analysis: {_si(cost.get('flops'), 'FLOP')}, {_si(cost.get('bytes accessed'), 'B')}"
+                 if cost else ""),
+              f"  roofline: compute {_ms(r['compute_s'])}, HBM {_ms(r['hbm_s'])}, links {_ms(r['collective_s'])} -> "
+              f"step >= {_ms(r['step_s'])} ({r['bound']}-bound): <= {r['tokens_per_s']:,.0f} tokens/s "
+              f"({r['tokens_per_s_per_device']:,.0f} per device); with the HLO's bytes {_ms(rh['hbm_s'])} -> "
+              f"{rh['tokens_per_s']:,.0f} tokens/s"]
+    for k in w["collectives"][:collectives]:
+        lines.append(f"    {k['kind']} {k['dtype']}{k['shape']} over {k['group']} x{k['count']:g}: "
+                     f"{_si(k['bytes_sent'], 'B')} sent")
+    return lines
+
+
+def run_decode(args) -> int:
+    """`mft-jax plan --decode`: one worker per hardware; prints each plan (or JSON). 1 if a plan failed."""
+    if args.config is None and args.model is None:
+        raise ConfigError("plan --decode: give --model NAME or --config (its model.path/config.json)")
+    cfg = LlamaConfig(**MODELS[args.model]) if args.model else _model_config(
+        config_lib.load(args.config, args.set or [], verbose=False), None)
+    if args.batch is not None and args.batch < 1 or args.context < 1:
+        raise ConfigError(f"plan --decode: --batch and --context must be >= 1 (got {args.batch}, {args.context})")
+    failed = False
+    for target in _targets(args.hardware or DECODE_HARDWARE):
+        memory_bytes = int(args.memory_gib * GiB) if args.memory_gib else target.memory_bytes
+        mesh_shape = mesh_for(None, target.devices, args.mesh)[0] if args.mesh else decode_mesh(target)
+        if args.batch is not None and args.batch % (mesh_shape[0] * mesh_shape[1]):
+            raise ConfigError(f"--batch {args.batch} is not a multiple of the data-parallel size "
+                              f"{mesh_shape[0] * mesh_shape[1]} of mesh {tuple(mesh_shape)} on {target.name}")
+        compiler, reason = _compiler(args.compiler, target)
+        kwargs = dict(target=target.name, mesh_shape=list(mesh_shape), batch=args.batch, context=args.context,
+                      compiler=compiler, device_memory_bytes=memory_bytes, stand_in_reason=reason)
+        result = _run_worker({"decode": True, "cfg": dataclasses.asdict(cfg), "kwargs": kwargs},
+                             target.devices if compiler == "cpu" else 1, args.timeout)
+        result = dict(result, hardware=target.name)
+        failed |= "error" in result
+        print(json.dumps(result) if args.json else "\n".join(format_decode_plan(result, args.collectives)),
+              flush=True)
+    return 1 if failed else 0
+
+
+def run(args) -> int:
+    """`mft-jax plan`: one worker per (hardware, remat); prints the table (or JSON). 1 if a plan failed."""
+    if args.decode:
+        return run_decode(args)
+    if args.config is None:
+        raise ConfigError("plan: --config is required (a decode plan, --decode, takes --model alone)")
+    run_cfg = config_lib.load(args.config, args.set or [], verbose=False)
+    cfg = _model_config(run_cfg, args.model)
+    chosen = _targets(args.hardware or DEFAULT_HARDWARE)
     failed = False
     for target in chosen:
         memory_bytes = int(args.memory_gib * GiB) if args.memory_gib else target.memory_bytes
@@ -554,12 +829,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m mft_jax.memplan plan ...` (what `mft-jax plan` runs), or one worker: `--worker SPEC_JSON`."""
+    """`python -m mft_jax.studies.memplan plan ...` (what `mft-jax plan` runs), or one worker: `--worker SPEC_JSON`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         worker_main(argv[1])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m mft_jax.memplan")
+    parser = argparse.ArgumentParser(prog="python -m mft_jax.studies.memplan")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(argv))
 
