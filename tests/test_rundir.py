@@ -166,6 +166,7 @@ def _wait_for_step(metrics: Path, step: int, proc, timeout=240):
     return False
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the default suite keeps test_train's kill-and-resume and the fault tests
 def test_kill_9_five_times_ends_bit_identical(model_dir, tmp_path):
     """SIGKILL (no handler runs: async saves cut short, metrics lines half written) at 5 random steps of one
     run; the same command each time resumes, and the end result equals an uninterrupted run exactly."""
