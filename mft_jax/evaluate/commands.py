@@ -15,6 +15,7 @@ samples; the others write and print nothing. `generate` splits its prompts the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -23,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from mft_jax import config as config_lib
-from mft_jax import sharding, storage
+from mft_jax import outputs, sharding, storage
 from mft_jax import evaluate as ev
 from mft_jax import export
 from mft_jax.data import load_tokenizer
-from mft_jax.evaluate.base import EvalError, EvalModel, allgather_texts, process_share
+from mft_jax.evaluate.base import EvalError, EvalModel, allgather_texts, broadcast_json, process_share
 from mft_jax.generate import generate_text
 
 
@@ -140,15 +141,62 @@ def run_tasks(args, model: str, verbose: bool = True) -> dict[str, dict]:
     return ev.evaluate(loaded, tasks, limit=args.limit, verbose=verbose, load=False)
 
 
+RESULTS_FORMAT = "mft_jax.eval/1"  # the results file's "format": what marks a file `eval --out` may replace
+
+
+def samples_path(out: str | Path) -> Path:
+    """The per-example records' directory beside the results file: results.json -> results_samples/."""
+    stem = Path(out).with_suffix("")
+    return stem.parent / f"{stem.name}_samples"
+
+
+def _is_our_results(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == RESULTS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(args) -> None:
+    """--out and its samples directory, checked before the model loads: an existing file is replaced only if it is
+    an earlier results file of `mft-jax eval` (its "format") or with --overwrite; the samples directory follows
+    mft_jax.outputs' rules (an earlier one of ours, empty, or --overwrite). With several processes process 0, the
+    writer, checks and every process raises its verdict (so none waits on a process that stopped)."""
+    if not args.out:
+        return
+    if jax.process_count() == 1:
+        return _check_out(args)
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            _check_out(args)
+        except config_lib.ConfigError as e:
+            problem = str(e)
+    problem = broadcast_json(problem)
+    if problem:
+        raise EvalError(problem)
+
+
+def _check_out(args) -> None:
+    out, overwrite = Path(args.out), getattr(args, "overwrite", False)
+    if out.is_dir():
+        raise EvalError(f"--out {out} is a directory; give the results file's path, e.g. --out {out / 'results.json'}")
+    if out.exists() and not (overwrite or _is_our_results(out)):
+        raise EvalError(f"--out {out}: the file exists and was not written by mft-jax eval; give another path, or "
+                        f"pass --overwrite to replace it")
+    outputs.check_target(samples_path(out), overwrite=overwrite, flag="--out")
+
+
 def cmd_eval(args) -> dict:
     tasks = make_tasks(args)  # bad task names and missing data fail before the model loads
+    check_out(args)  # as does an --out that would replace what mft-jax did not write
     model = eval_model(args, tokenizer_needed=any(isinstance(t, ev.GenerationTask) for t in tasks))
     writer = jax.process_index() == 0  # with several processes, process 0 alone prints and writes
-    samples_dir = None
-    if args.out and writer:
-        samples_dir = Path(args.out).with_suffix("")
-        samples_dir = samples_dir.parent / f"{samples_dir.name}_samples"
-    results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir, load=False)
+    samples = None
+    if args.out and writer:  # replaced as a whole when the evaluation completes (restored if it fails)
+        samples = outputs.claimed_dir(samples_path(args.out), overwrite=args.overwrite, command="eval", flag="--out")
+    with samples or contextlib.nullcontext() as samples_dir:
+        results = ev.evaluate(model, tasks, limit=args.limit, samples_dir=samples_dir, load=False)
     if not writer:
         return results
     print(ev.format_table(results))
@@ -161,7 +209,7 @@ def cmd_eval(args) -> dict:
         if sandboxes:  # the isolation model-written code ran under (docs/sandbox.md)
             report["sandbox"] = sandboxes
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        storage.write_atomic(Path(args.out), json.dumps({"format": RESULTS_FORMAT, **report}, indent=2))
         print(f"wrote {args.out} (per-example records in {samples_dir}/)")
     return results
 
@@ -204,7 +252,10 @@ def add_eval_commands(subparsers):
     _add_model_args(p, defaults.max_new_tokens, defaults.batch_size,
                     "override every task's own limit (gsm8k 512, humaneval 512, ifeval 1280, math 1024)")
     add_task_args(p, required=True)
-    p.add_argument("--out", default=None, help="results JSON path (per-example records next to it)")
+    p.add_argument("--out", default=None, help="results JSON path (per-example records next to it, in "
+                                                "OUT_samples/); an existing file is replaced only if eval wrote it")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and its samples directory even if "
+                                                             "mft-jax did not write them")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("generate", help="continue text prompts with a model")
