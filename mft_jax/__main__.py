@@ -1,6 +1,9 @@
 """`mft-jax` and `python -m mft_jax`: the command line (mft_jax.cli) in a process of its own. Ctrl-C at any
 moment is one line and exit 130: during the import of the command modules (seconds) as during the command,
-and the interpreter's teardown after it prints nothing more."""
+and the interpreter's teardown after it prints nothing more. An interrupted command has unwound through its own
+cleanup (output directories, checkpoints, the run lock) when it returns; the process then ends at once, so
+library threads still running (orbax's writers, whose files the cleanup has removed) neither report nor write
+on while the interpreter tears down."""
 
 import _thread
 import os
@@ -22,14 +25,12 @@ def main():
         cli.main()
     except SystemExit as done:
         if done.code == cli.EXIT_INTERRUPTED:
-            _quiet_shutdown()
-            raise
+            _exit_now(cli.EXIT_INTERRUPTED)
         signal.signal(signal.SIGINT, _interrupted_in_teardown)
         raise
     except KeyboardInterrupt:  # between the command's end and here
-        _quiet_shutdown()
         _say_interrupted()
-        sys.exit(cli.EXIT_INTERRUPTED)
+        _exit_now(cli.EXIT_INTERRUPTED)
     signal.signal(signal.SIGINT, _interrupted_in_teardown)
 
 
@@ -66,12 +67,14 @@ def _say_interrupted() -> None:
     print("mft-jax: error: interrupted", file=sys.stderr, flush=True)
 
 
-def _quiet_shutdown() -> None:
-    """After a Ctrl-C: a second one is ignored, and what the interpreter's teardown reports as unraisable (JAX's
-    GC callback and orbax's event loops, interrupted mid-way, raise while they are collected) is not printed,
-    so the error line stays the last thing on stderr. Only in a process of its own (tests call cli.main)."""
+def _exit_now(code: int) -> None:
+    """After a Ctrl-C, once the error line is out: end the process without the interpreter's teardown, where
+    interrupted library threads (orbax's writers and event loops, JAX's GC callback) would log tracebacks after
+    the error line. Only in a process of its own (tests call cli.main)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.unraisablehook = lambda unraisable: None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
