@@ -411,10 +411,18 @@ def test_redteam_detects_harm_when_isolation_is_switched_off():
         del programs["metadata_server"]  # unconfined on a cloud VM it would fetch a real token
         report = score(arena, list(programs.values()), allow=True, env_extra={
             "MFT_JAX_SANDBOX_BACKEND": "none", "MFT_JAX_SANDBOX_DISABLE": ",".join(sandbox.LAYERS)})
-        time.sleep(SURVIVOR_DELAY_S + 2.5)
-        leaked = set(os.listdir(arena.drop))
+        # The harms, waited for (up to 20 s: a loaded machine delays the survivors). Of the two survivors one
+        # must escape: the Python one forks with libc.fork(), outside Python's at-fork handlers, and its child
+        # can hang on a lock the parent's threads held (seen once in CI), so it is not certain to write.
+        expected = {"secret", "posix_spawn", "fork_exec", "raw_socket"}
+        deadline = time.monotonic() + SURVIVOR_DELAY_S + 20
+        while time.monotonic() < deadline:
+            leaked = set(os.listdir(arena.drop))
+            if expected <= leaked and {"survivor", "survivor_sh"} <= leaked:
+                break
+            time.sleep(0.5)
         assert report["status"]["backend"] == "none" and report["status"]["allow_unsandboxed_code"]
-        assert {"secret", "posix_spawn", "fork_exec", "survivor", "survivor_sh", "raw_socket"} <= leaked, leaked
+        assert expected <= leaked and {"survivor", "survivor_sh"} & leaked, leaked
         assert any("tcp4" in r for r in arena.received())
         assert arena.files() != arena.snapshot
         assert arena.decoy.poll() is not None  # killed
