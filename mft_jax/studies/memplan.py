@@ -158,18 +158,22 @@ def stand_in_attention(run, platform: str) -> str:
     return "xla" if runs == "xla" else "splash"
 
 
+def _compiling_for(mesh, stack: ExitStack) -> str:
+    """Enters, on `stack`, what tracing a program for `mesh` needs: the model's logical axis rules and the mesh.
+    Compile-only devices cannot run the eager ops of tracing (splash builds its mask arrays): for them the
+    abstract mesh gives the program its axes, and eager ops stay on the host. Returns the mesh's platform."""
+    platform = step_lib.platform(mesh)
+    stack.enter_context(sharding.axis_rules())
+    stack.enter_context(jax.set_mesh(mesh) if platform == "cpu" else jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    return platform
+
+
 def compile_step(run, cfg, mesh, inputs):
     """The train step of `run` compiled for `mesh` (whose devices may be compile-only ones of a TPU topology or
     a GPU target) from its abstract `inputs` (`abstract_inputs`, built outside the mesh: optax runs eager ops)."""
     layout, params, state, batch = inputs
-    platform = step_lib.platform(mesh)
     with ExitStack() as stack:
-        stack.enter_context(sharding.axis_rules())
-        # Compile-only devices cannot run the eager ops of tracing (splash builds its mask arrays): the abstract
-        # mesh gives the step its axes, and eager ops stay on the host.
-        stack.enter_context(jax.set_mesh(mesh) if platform == "cpu" else
-                            jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-        if platform == "gpu":
+        if _compiling_for(mesh, stack) == "gpu":
             stack.enter_context(targets.deviceless_cudnn(mesh.devices.flat[0]))
         loss_sums = step_lib.make_loss(run, cfg, layout)
         step_fn = step_lib.jit_train_step(layout, loss_sums, optim.lr_schedule(run.optim, 1000), 0, params,
@@ -402,14 +406,11 @@ def compile_decode_step(cfg: LlamaConfig, mesh, inputs: dict, compute_dtype):
                                                        compute_dtype=compute_dtype)
         return jnp.argmax(logits_Bx1xV[:, 0], axis=-1).astype(jnp.int32), cache
 
-    platform = step_lib.platform(mesh)
     args = [inputs[k] for k in ("params", "cache", "tokens", "positions", "index")]
     out_shardings = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*inputs["tokens"].sharding.spec[:1])),
                      jax.tree.map(lambda x: x.sharding, inputs["cache"]))
     with ExitStack() as stack:
-        stack.enter_context(sharding.axis_rules())
-        stack.enter_context(jax.set_mesh(mesh) if platform == "cpu" else
-                            jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+        _compiling_for(mesh, stack)
         step_fn = jax.jit(decode_step, out_shardings=out_shardings, donate_argnums=(1,))
         return step_fn.lower(*args).compile()
 
@@ -685,10 +686,12 @@ def _work_lines(p: dict, collectives: int) -> list[str]:
              f"  [{p['remat']}] roofline: compute {r['compute_s']:.3f} s, HBM {r['hbm_s']:.3f} s, collectives "
              f"{r['collective_s']:.3f} s -> step >= {r['step_s']:.3f} s ({r['bound']}-bound), "
              f"<= {r['tokens_per_s_per_device']:,.0f} tokens/s per device"]
-    for c in w["collectives"][:collectives]:
-        lines.append(f"  [{p['remat']}]   {c['kind']} {c['dtype']}{c['shape']} over {c['group']} x{c['count']:g}: "
-                     f"{_si(c['bytes_sent'], 'B')} sent")
-    return lines
+    return lines + [f"  [{p['remat']}]   {_collective(c)}" for c in w["collectives"][:collectives]]
+
+
+def _collective(c: dict) -> str:
+    """One collective of a plan's work: kind, operand, group, count and the bytes it sends."""
+    return f"{c['kind']} {c['dtype']}{c['shape']} over {c['group']} x{c['count']:g}: {_si(c['bytes_sent'], 'B')} sent"
 
 
 def format_plans(name: str, note: str, plans: list[dict], collectives: int = 6) -> list[str]:
@@ -765,10 +768,7 @@ def format_decode_plan(p: dict, collectives: int = 4) -> list[str]:
               f"step >= {_ms(r['step_s'])} ({r['bound']}-bound): <= {r['tokens_per_s']:,.0f} tokens/s "
               f"({r['tokens_per_s_per_device']:,.0f} per device); with the HLO's bytes {_ms(rh['hbm_s'])} -> "
               f"{rh['tokens_per_s']:,.0f} tokens/s"]
-    for k in w["collectives"][:collectives]:
-        lines.append(f"    {k['kind']} {k['dtype']}{k['shape']} over {k['group']} x{k['count']:g}: "
-                     f"{_si(k['bytes_sent'], 'B')} sent")
-    return lines
+    return lines + [f"    {_collective(k)}" for k in w["collectives"][:collectives]]
 
 
 def run_decode(args) -> int:
