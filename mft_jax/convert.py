@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from mft_jax import model as model_lib
-from mft_jax import outputs, safetensors_io, storage
+from mft_jax import distributed, outputs, safetensors_io, storage
 from mft_jax.config import ConfigError, LlamaConfig
 from mft_jax.safetensors_io import (CheckpointError, TensorRef, read_safetensors_header,  # noqa: F401 (re-exported)
                                     read_safetensors_index, write_safetensors)
@@ -318,13 +318,8 @@ def _new_dir_on_every_process(path, **kwargs) -> Iterator[Path]:
         return
     from jax.experimental import multihost_utils
 
-    def share(tmp: Path | None) -> Path:
-        raw = np.zeros(4096, np.uint8)
-        if tmp is not None:
-            name = str(storage.absolute(tmp)).encode()
-            raw[:len(name)] = np.frombuffer(name, np.uint8)
-        raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-        return storage.path(raw.tobytes().rstrip(b"\0").decode())
+    def share(tmp: Path | None) -> Path:  # process 0's temporary directory, on every process
+        return storage.path(distributed.broadcast_json(None if tmp is None else str(storage.absolute(tmp))))
 
     if jax.process_index() == 0:
         with outputs.new_dir(path, **kwargs) as tmp:

@@ -1,4 +1,5 @@
-"""Joining the other processes of a multi-process (multi-host) run: `initialize()`, first thing on every host.
+"""Joining the other processes of a multi-process (multi-host) run: `initialize()`, first thing on every host;
+and what processes share afterwards: `process_share`, `allgather_texts`, `broadcast_json`.
 
 How a run finds its processes, first match wins:
   explicit   MFT_JAX_COORDINATOR=host:port, MFT_JAX_NUM_PROCESSES=N, MFT_JAX_PROCESS_ID=i (all three, the same
@@ -15,10 +16,13 @@ How a run finds its processes, first match wins:
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from mft_jax.config import ConfigError
 
@@ -122,3 +126,49 @@ def initialize(environ: Mapping[str, str] | None = None) -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
     return True
+
+
+# Helpers for code that runs on every process; each is a collective where it says so (every process calls it).
+
+def process_share(n: int, index: int | None = None, count: int | None = None) -> slice:
+    """The contiguous part of `n` items (prompts, batches) that process `index` of `count` handles (default: this
+    process of all); the parts differ by at most one item and, in process order, are the items in order."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return slice(index * n // count, (index + 1) * n // count)
+
+
+def allgather_texts(texts: Sequence[str]) -> list[str]:
+    """Every process's `texts`, concatenated in process order, on every process (one process: `texts`).
+    Every process must call it (it is a collective): lengths first, then the UTF-8 bytes, padded to one size."""
+    if jax.process_count() == 1:
+        return list(texts)
+    encoded = [t.encode("utf-8") for t in texts]
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int32))).reshape(-1)
+    lengths = np.zeros(max(int(counts.max()), 1), np.int32)
+    lengths[:len(encoded)] = [len(b) for b in encoded]
+    all_lengths = np.asarray(multihost_utils.process_allgather(lengths))  # [P, most texts of a process]
+    joined = b"".join(encoded)
+    buffer = np.zeros(max(int(all_lengths.sum(axis=1).max()), 1), np.uint8)
+    buffer[:len(joined)] = np.frombuffer(joined, np.uint8)
+    all_bytes = np.asarray(multihost_utils.process_allgather(buffer))  # [P, most bytes of a process]
+    out = []
+    for p, count in enumerate(counts):
+        data, offset = all_bytes[p].tobytes(), 0
+        for length in all_lengths[p, :count]:
+            out.append(data[offset:offset + length].decode("utf-8"))
+            offset += int(length)
+    return out
+
+
+def broadcast_json(value):
+    """Process 0's `value` (anything JSON can hold) on every process, as JSON reads it back; process 0 gets its
+    own object. One process: `value`. Every process must call it (it is a collective)."""
+    if jax.process_count() == 1:
+        return value
+    data = json.dumps(value).encode("utf-8") if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+    buffer = np.zeros(max(size, 1), np.uint8)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return value if jax.process_index() == 0 else json.loads(received[:size].tobytes().decode("utf-8"))

@@ -17,7 +17,8 @@ from typing import Sequence
 import jax
 
 from mft_jax.evaluate.arith import Arith
-from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task, broadcast_json
+from mft_jax.distributed import broadcast_json
+from mft_jax.evaluate.base import EvalError, EvalModel, Generation, GenerationTask, Task
 from mft_jax.evaluate.gsm8k import GSM8K
 from mft_jax.evaluate.humaneval import HumanEval, HumanEvalPlus
 from mft_jax.evaluate.ifeval import IFEval

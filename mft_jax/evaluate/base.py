@@ -16,23 +16,22 @@ Prompt encoding follows the olmes harness with vLLM, as the paper's authors ran 
   before the first stop sequence (`oe_eval/utils.py:cut_at_stop_sequence`); decoding is greedy.
 
 Several processes (hosts): each holds a whole model copy on a mesh of its own devices (`commands.eval_mesh`),
-generates a contiguous share of every call's prompts (`process_share`, so the order is kept) and the texts are
-gathered to every process (`allgather_texts`); process 0 alone scores (a task's `run` returns {} elsewhere) and
-`evaluate` hands its metrics to the others (`broadcast_json`), so every process returns the same results.
+generates a contiguous share of every call's prompts (`distributed.process_share`, so the order is kept) and
+the texts are gathered to every process (`distributed.allgather_texts`); process 0 alone scores (a task's
+`run` returns {} elsewhere) and `evaluate` hands its metrics to the others (`distributed.broadcast_json`), so
+every process returns the same results.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 
 from mft_jax.config import ConfigError, LlamaConfig
+from mft_jax.distributed import allgather_texts, process_share
 from mft_jax.generate import generate_text
 
 OLMES_MAX_LENGTH = 2048  # olmes's model max_length: prompt + new tokens fit in it
@@ -42,56 +41,12 @@ class EvalError(ConfigError):
     """A task name, data file or eval option is wrong; the one-line message names it and the fix."""
 
 
-def process_share(n: int, index: int | None = None, count: int | None = None) -> slice:
-    """The contiguous part of `n` items (prompts, batches) that process `index` of `count` handles (default: this
-    process of all); the parts differ by at most one item and, in process order, are the items in order."""
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-    return slice(index * n // count, (index + 1) * n // count)
-
-
 def check_local_mesh(mesh) -> None:
     """With several processes each evaluates on a mesh of its own devices (a whole model copy per host)."""
     if jax.process_count() > 1 and mesh is not None and not all(
             d.process_index == jax.process_index() for d in mesh.devices.flat):
         raise EvalError(f"evaluation with {jax.process_count()} processes needs each process's mesh to hold only its "
                         f"own devices (as `eval` builds it); this one spans processes")
-
-
-def allgather_texts(texts: Sequence[str]) -> list[str]:
-    """Every process's `texts`, concatenated in process order, on every process (one process: `texts`).
-    Every process must call it (it is a collective): lengths first, then the UTF-8 bytes, padded to one size."""
-    if jax.process_count() == 1:
-        return list(texts)
-    encoded = [t.encode("utf-8") for t in texts]
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int32))).reshape(-1)
-    lengths = np.zeros(max(int(counts.max()), 1), np.int32)
-    lengths[:len(encoded)] = [len(b) for b in encoded]
-    all_lengths = np.asarray(multihost_utils.process_allgather(lengths))  # [P, most texts of a process]
-    joined = b"".join(encoded)
-    buffer = np.zeros(max(int(all_lengths.sum(axis=1).max()), 1), np.uint8)
-    buffer[:len(joined)] = np.frombuffer(joined, np.uint8)
-    all_bytes = np.asarray(multihost_utils.process_allgather(buffer))  # [P, most bytes of a process]
-    out = []
-    for p, count in enumerate(counts):
-        data, offset = all_bytes[p].tobytes(), 0
-        for length in all_lengths[p, :count]:
-            out.append(data[offset:offset + length].decode("utf-8"))
-            offset += int(length)
-    return out
-
-
-def broadcast_json(value):
-    """Process 0's `value` (anything JSON can hold) on every process, as JSON reads it back; process 0 gets its
-    own object. One process: `value`. Every process must call it (it is a collective)."""
-    if jax.process_count() == 1:
-        return value
-    data = json.dumps(value).encode("utf-8") if jax.process_index() == 0 else b""
-    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
-    buffer = np.zeros(max(size, 1), np.uint8)
-    buffer[:len(data)] = np.frombuffer(data, np.uint8)
-    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-    return value if jax.process_index() == 0 else json.loads(received[:size].tobytes().decode("utf-8"))
 
 
 @dataclasses.dataclass(frozen=True)

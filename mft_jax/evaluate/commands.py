@@ -28,7 +28,8 @@ from mft_jax import outputs, sharding, storage
 from mft_jax import evaluate as ev
 from mft_jax import export
 from mft_jax.data import load_tokenizer
-from mft_jax.evaluate.base import EvalError, EvalModel, allgather_texts, broadcast_json, process_share
+from mft_jax.distributed import allgather_texts, broadcast_json, process_share
+from mft_jax.evaluate.base import EvalError, EvalModel
 from mft_jax.generate import generate_text
 
 

@@ -25,7 +25,8 @@ from mft_jax import losses, sharding
 from mft_jax import model as model_lib
 from mft_jax.config import DataConfig, LlamaConfig
 from mft_jax.data import make_loader
-from mft_jax.evaluate.base import EvalModel, Task, check_local_mesh, process_share
+from mft_jax.distributed import process_share
+from mft_jax.evaluate.base import EvalModel, Task, check_local_mesh
 from mft_jax.generate import bucket
 
 
